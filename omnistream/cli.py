@@ -1,0 +1,114 @@
+"""The ``omnistream`` command: ``serve`` here, other subcommands from their own modules.
+
+Each feature that adds a subcommand exposes ``register(subparsers)`` in its own module and
+is listed in :data:`SUBCOMMAND_MODULES`, so this file stays small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+SUBCOMMAND_MODULES: tuple[str, ...] = ()
+
+log = logging.getLogger("omnistream")
+
+
+def _add_serve(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the streaming server (embedded default models)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1; OMNISTREAM_HOST)")
+    p.add_argument("--port", type=int, help="port (default 8000; OMNISTREAM_PORT)")
+    p.add_argument("--max-sessions", type=int, help="hard cap on live realtime sessions")
+    p.add_argument("--avatar-model", help="default avatar model for FlashTalk routes")
+    p.add_argument(
+        "--model-tier",
+        action="append",
+        choices=["core", "adjacent", "experimental"],
+        help="allow only models of these tiers (repeatable)",
+    )
+    p.add_argument("--idle-timeout", type=float, dest="idle_timeout_s")
+    p.add_argument("--jpeg-quality", type=int)
+    p.add_argument("--log-level", default=None)
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from omnistream.settings import Settings
+    from omnistream.transports.app import create_app
+
+    overrides = {
+        k: v
+        for k, v in {
+            "host": args.host,
+            "port": args.port,
+            "max_sessions": args.max_sessions,
+            "avatar_model": args.avatar_model,
+            "model_tiers": args.model_tier,
+            "idle_timeout_s": args.idle_timeout_s,
+            "jpeg_quality": args.jpeg_quality,
+            "log_level": args.log_level,
+        }.items()
+        if v is not None
+    }
+    settings = Settings(**overrides)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = create_app(settings)
+    shown = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host
+    base = f"{shown}:{settings.port}"
+    log.info(
+        "omnistream serving: FlashTalk WS ws://%s/ (also /v1/audio2video/{model}), native "
+        "ws://%s/v1/avatar/realtime, metrics http://%s/metrics, demo http://%s/demo",
+        base,
+        base,
+        base,
+        base,
+    )
+    uvicorn.run(app, **uvicorn_options(settings))
+    return 0
+
+
+def uvicorn_options(settings: Any) -> dict[str, Any]:
+    """uvicorn options that enforce the server's WebSocket limits (shared with tests)."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "loop": "uvloop" if sys.platform != "win32" else "asyncio",
+        "ws": "websockets",
+        # The transport refuses messages far past the app limit outright; between the
+        # two the app answers with a protocol error and keeps the socket.
+        "ws_max_size": settings.max_message_bytes * 2,
+        "ws_max_queue": 4,
+        "ws_ping_interval": 20.0,
+        "ws_ping_timeout": 180.0,
+        "log_level": settings.log_level.lower(),
+        "timeout_graceful_shutdown": 5,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser, with every registered subcommand."""
+    parser = argparse.ArgumentParser(prog="omnistream", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``omnistream`` console script."""
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

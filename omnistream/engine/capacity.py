@@ -1,0 +1,81 @@
+"""Measured capacity, so that admission control refuses sessions before they fall behind.
+
+Every stage that burns CPU for a session (rendering, JPEG encoding) records the thread CPU
+seconds it spent per unit of work. The sum, times the units a session needs per second,
+is that session's share of the machine; a new session is admitted only while the total
+stays under ``cores × target_utilisation``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+
+class CapacityMeter:
+    """An exponentially weighted average of CPU seconds per unit of work."""
+
+    def __init__(self, alpha: float = 0.05) -> None:
+        self.alpha = alpha
+        self._per_unit: float | None = None
+        self._lock = threading.Lock()
+
+    def record(self, cpu_seconds: float, units: float) -> None:
+        """Add one observation (thread CPU seconds spent on ``units`` of work)."""
+        if units <= 0:
+            return
+        sample = cpu_seconds / units
+        with self._lock:
+            if self._per_unit is None:
+                self._per_unit = sample
+            else:
+                self._per_unit += self.alpha * (sample - self._per_unit)
+
+    @property
+    def seconds_per_unit(self) -> float | None:
+        """Current estimate, or ``None`` before the first observation."""
+        return self._per_unit
+
+
+class CapacityPlanner:
+    """Sums the meters of a pipeline and answers "can one more session run in real time?".
+
+    Args:
+        cores: CPU cores available to the process (defaults to the affinity mask).
+        target_utilisation: fraction of the cores live sessions may use; the rest is
+            headroom for the event loop, the network and bursts.
+    """
+
+    def __init__(self, cores: int | None = None, target_utilisation: float = 0.85) -> None:
+        self.cores = cores or len(os.sched_getaffinity(0)) or 1
+        self.target_utilisation = target_utilisation
+        self.meters: dict[str, CapacityMeter] = {}
+
+    def meter(self, stage: str) -> CapacityMeter:
+        """The meter for one stage of the pipeline, created on first use."""
+        return self.meters.setdefault(stage, CapacityMeter())
+
+    def seconds_per_unit(self, stages: list[str]) -> float | None:
+        """CPU seconds per unit summed over a pipeline's stages, ``None`` until all measured."""
+        values = [self.meters[s].seconds_per_unit if s in self.meters else None for s in stages]
+        if not values or any(v is None for v in values):
+            return None
+        return float(sum(v for v in values if v is not None))
+
+    def max_units_per_second(self, stages: list[str]) -> float | None:
+        """Units per second the machine sustains for this pipeline within its target."""
+        per_unit = self.seconds_per_unit(stages)
+        if not per_unit:
+            return None
+        return self.cores * self.target_utilisation / per_unit
+
+    def admits(self, stages: list[str], live_units_per_s: float, new_units_per_s: float) -> bool:
+        """Whether adding a session needing ``new_units_per_s`` keeps the pipeline in budget.
+
+        Before anything has been measured the planner admits (the static session limit
+        still applies), so a cold server is never refused on a guess.
+        """
+        ceiling = self.max_units_per_second(stages)
+        if ceiling is None:
+            return True
+        return live_units_per_s + new_units_per_s <= ceiling

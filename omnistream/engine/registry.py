@@ -1,0 +1,105 @@
+"""Model specs and the registry that every route looks models up in.
+
+A spec is cheap metadata plus a factory: nothing is imported or loaded until a runner
+needs the model, so a model whose package is missing is listed as unavailable with the
+reason instead of breaking start-up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from omnistream.models.base import BatchModel
+
+
+class Tier(StrEnum):
+    """How far a model is supported: ``core`` is what the project stands behind."""
+
+    CORE = "core"
+    ADJACENT = "adjacent"
+    EXPERIMENTAL = "experimental"
+
+
+class ModelUnavailable(RuntimeError):
+    """The model is registered but cannot be loaded here (missing package or weights)."""
+
+
+@dataclass(frozen=True)
+class LoadContext:
+    """What a factory gets when the engine loads a model: the device and its options."""
+
+    device: str = "cpu"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelSpec:
+    """Everything the engine and the routes know about one model before it is loaded.
+
+    Attributes:
+        id: registry id used on every route.
+        tasks: generation tasks it serves (``audio2video``, ``text2audio``…).
+        tier: support tier; ``serve --model-tier`` filters on it.
+        factory: builds one replica of the loaded model.
+        summary: one line for model lists.
+        capabilities: free-form facts for manifests (voices, sample rate, streaming…).
+        replicas: how many copies a CPU runner runs side by side.
+        devices: devices the model can run on, best first.
+        check: returns ``None`` when the model can load here, else the reason it cannot.
+        owned_by: shown in the OpenAI-shaped model list.
+        maturity: ``stable`` / ``beta`` / ``alpha``.
+    """
+
+    id: str
+    tasks: tuple[str, ...]
+    tier: Tier
+    factory: Callable[[LoadContext], BatchModel[Any, Any]]
+    summary: str = ""
+    capabilities: dict[str, Any] = field(default_factory=dict)
+    replicas: int = 1
+    devices: tuple[str, ...] = ("cpu",)
+    check: Callable[[], str | None] = lambda: None
+    owned_by: str = "omnistream"
+    maturity: str = "stable"
+
+    def unavailable_reason(self) -> str | None:
+        """Why the model cannot load here, or ``None`` when it can."""
+        try:
+            return self.check()
+        except Exception as exc:  # a broken check must not break listing
+            return f"availability check failed: {exc}"
+
+
+class ModelRegistry:
+    """Specs by id, with tier filtering applied in one place for every route."""
+
+    def __init__(self, allowed_tiers: Iterable[Tier | str] | None = None) -> None:
+        self._specs: dict[str, ModelSpec] = {}
+        self.allowed_tiers: frozenset[Tier] = frozenset(
+            Tier(t) for t in (allowed_tiers or list(Tier))
+        )
+
+    def register(self, spec: ModelSpec) -> None:
+        """Add a spec; ids are unique."""
+        if spec.id in self._specs:
+            raise ValueError(f"model {spec.id!r} is already registered")
+        self._specs[spec.id] = spec
+
+    def get(self, model_id: str) -> ModelSpec | None:
+        """The spec for an id, tier policy ignored (use :meth:`allowed` to enforce it)."""
+        return self._specs.get(model_id)
+
+    def allowed(self, spec: ModelSpec) -> bool:
+        """Whether the server's tier policy lets clients use this model."""
+        return spec.tier in self.allowed_tiers
+
+    def specs(self, task: str | None = None, *, include_disallowed: bool = False) -> list[ModelSpec]:
+        """Specs in registration order, optionally for one task, tier policy applied."""
+        return [
+            s
+            for s in self._specs.values()
+            if (task is None or task in s.tasks) and (include_disallowed or self.allowed(s))
+        ]

@@ -1,0 +1,345 @@
+"""Model runners: one resident model per replica thread, fed from every live session.
+
+Sessions submit work items from the event loop; a runner thread pops the most urgent item
+(priority class first, then deadline), gathers more items that may share its batch, drops
+anything whose session was cancelled or interrupted, runs the batch, and resolves each
+item's future back on its own event loop with ``call_soon_threadsafe``. The event loop
+never runs model code and never waits on a lock the runner holds for long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, Generic, TypeVar
+
+from omnistream.engine.capacity import CapacityMeter
+from omnistream.models.base import BatchModel
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+
+class Priority(IntEnum):
+    """Priority classes: lower runs first. Offline work only fills spare capacity."""
+
+    REALTIME = 0
+    OFFLINE = 1
+
+
+class StaleWork(Exception):
+    """The item was dropped before running: its session was cancelled or interrupted."""
+
+
+class RunnerFull(Exception):
+    """The runner's queue is at its bound; the caller should shed load."""
+
+
+class RunnerClosed(Exception):
+    """The runner is shutting down and takes no more work."""
+
+
+@dataclass
+class WorkResult(Generic[R]):
+    """A finished item with the timings a session reports in its metrics."""
+
+    value: R
+    queue_ms: float
+    infer_ms: float
+    batch_size: int
+    batch_cost: float
+
+
+@dataclass(order=True)
+class _Item:
+    sort_key: tuple[int, float, int]
+    payload: Any = field(compare=False)
+    cost: float = field(compare=False)
+    key: Hashable = field(compare=False)
+    is_stale: Callable[[], bool] = field(compare=False)
+    future: asyncio.Future[Any] = field(compare=False)
+    loop: asyncio.AbstractEventLoop = field(compare=False)
+    enqueued: float = field(compare=False)
+    abandoned: bool = field(default=False, compare=False)
+
+
+@dataclass
+class RunnerStats:
+    """Counters a runner keeps for Prometheus and for admission control."""
+
+    batches: int = 0
+    items: int = 0
+    dropped_stale: int = 0
+    failed: int = 0
+    last_batch_size: int = 0
+
+
+BatchObserver = Callable[[int, float, float], None]
+"""Called after each batch with (batch size, batch cost, seconds)."""
+
+
+class ModelRunner:
+    """Owns ``replicas`` loaded copies of one model, each served by its own thread.
+
+    Args:
+        name: model id, used for thread names and metrics.
+        factory: builds one replica; called in the replica's own thread so that slow
+            loads never block the event loop.
+        replicas: copies run side by side (CPU models); a GPU model uses one.
+        max_pending: bound on queued items; :meth:`submit` raises :class:`RunnerFull`
+            past it instead of letting a queue grow without limit.
+        meter: records CPU seconds per unit of work for admission control.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        factory: Callable[[], BatchModel[Any, Any]],
+        *,
+        replicas: int = 1,
+        max_pending: int = 1024,
+        meter: CapacityMeter | None = None,
+        on_batch: BatchObserver | None = None,
+    ) -> None:
+        self.name = name
+        self.replicas = max(1, replicas)
+        self.max_pending = max_pending
+        self.meter = meter
+        self.stats = RunnerStats()
+        self._factory = factory
+        self._on_batch = on_batch
+        self._heap: list[_Item] = []
+        self._cond = threading.Condition()
+        self._seq = itertools.count()
+        self._closed = False
+        self._threads: list[threading.Thread] = []
+        self._models: list[BatchModel[Any, Any]] = []
+        self._ready = threading.Event()
+        self._load_error: BaseException | None = None
+        self._loaded_count = 0
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the replica threads; each loads its model before taking work."""
+        for index in range(self.replicas):
+            thread = threading.Thread(
+                target=self._serve, name=f"runner-{self.name}-{index}", daemon=True
+            )
+            self._threads.append(thread)
+            thread.start()
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait (without blocking the loop) until every replica has loaded its model."""
+        ok = await asyncio.to_thread(self._ready.wait, timeout)
+        if self._load_error is not None:
+            raise self._load_error
+        if not ok:
+            raise TimeoutError(f"model {self.name} did not load in {timeout}s")
+
+    @property
+    def ready(self) -> bool:
+        """True once every replica has loaded."""
+        return self._ready.is_set() and self._load_error is None
+
+    @property
+    def pending(self) -> int:
+        """Items waiting to run."""
+        return len(self._heap)
+
+    def close(self) -> None:
+        """Stop taking work, fail what is queued, and let the threads exit."""
+        with self._cond:
+            self._closed = True
+            items, self._heap = self._heap, []
+            self._cond.notify_all()
+        for item in items:
+            self._resolve(item, exc=RunnerClosed(f"runner {self.name} closed"))
+        for thread in self._threads:
+            thread.join(timeout=5)
+        for model in self._models:
+            try:
+                model.close()
+            except Exception:  # pragma: no cover - best effort
+                log.exception("closing model %s failed", self.name)
+
+    # -- submitting ----------------------------------------------------------------
+
+    def submit(
+        self,
+        payload: Any,
+        *,
+        priority: Priority = Priority.REALTIME,
+        deadline: float | None = None,
+        is_stale: Callable[[], bool] = lambda: False,
+        cost: float | None = None,
+        key: Hashable = None,
+    ) -> asyncio.Future[WorkResult[Any]]:
+        """Queue one item and return a future resolved on the calling loop.
+
+        Cancelling the returned future abandons the item: a runner that has not started
+        it yet skips it. ``deadline`` is a ``time.monotonic()`` value; items with the
+        same priority run earliest deadline first.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[WorkResult[Any]] = loop.create_future()
+        now = time.monotonic()
+        item = _Item(
+            sort_key=(int(priority), deadline if deadline is not None else now, next(self._seq)),
+            payload=payload,
+            cost=1.0 if cost is None else cost,
+            key=key,
+            is_stale=is_stale,
+            future=future,
+            loop=loop,
+            enqueued=now,
+        )
+
+        def _abandon(fut: asyncio.Future[Any]) -> None:
+            if fut.cancelled():
+                item.abandoned = True
+
+        future.add_done_callback(_abandon)
+        with self._cond:
+            if self._closed:
+                raise RunnerClosed(f"runner {self.name} is closed")
+            if self._load_error is not None:
+                raise RuntimeError(f"model {self.name} failed to load: {self._load_error}")
+            if len(self._heap) >= self.max_pending:
+                raise RunnerFull(f"runner {self.name} has {len(self._heap)} items queued")
+            heapq.heappush(self._heap, item)
+            self._cond.notify()
+        return future
+
+    # -- the replica thread --------------------------------------------------------
+
+    def _serve(self) -> None:
+        try:
+            model = self._factory()
+        except BaseException as exc:
+            log.exception("loading model %s failed", self.name)
+            with self._cond:
+                self._load_error = exc
+                failed, self._heap = self._heap, []
+            self._ready.set()
+            for item in failed:
+                self._resolve(item, exc=RuntimeError(f"model {self.name} failed to load: {exc}"))
+            return
+        with self._cond:
+            self._models.append(model)
+            self._loaded_count += 1
+            if self._loaded_count == self.replicas:
+                self._ready.set()
+        while True:
+            batch = self._next_batch(model)
+            if batch is None:
+                return
+            self._run(model, batch)
+
+    def _next_batch(self, model: BatchModel[Any, Any]) -> list[_Item] | None:
+        """Pop the most urgent live item and the items that can share its batch."""
+        with self._cond:
+            while True:
+                while not self._heap and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return None
+                first = heapq.heappop(self._heap)
+                if self._drop_if_stale(first):
+                    continue
+                batch = [first]
+                total = first.cost
+                keep: list[_Item] = []
+                while self._heap and total < model.max_batch_cost:
+                    candidate = heapq.heappop(self._heap)
+                    if self._drop_if_stale(candidate):
+                        continue
+                    # Offline work never rides along ahead of queued realtime work, and
+                    # only compatible payloads share a model call.
+                    if (
+                        candidate.key != first.key
+                        or candidate.sort_key[0] != first.sort_key[0]
+                        or total + candidate.cost > model.max_batch_cost
+                    ):
+                        keep.append(candidate)
+                        if len(keep) > 64:
+                            break
+                        continue
+                    batch.append(candidate)
+                    total += candidate.cost
+                for item in keep:
+                    heapq.heappush(self._heap, item)
+                return batch
+
+    def _drop_if_stale(self, item: _Item) -> bool:
+        stale = item.abandoned
+        if not stale:
+            try:
+                stale = item.is_stale()
+            except Exception:
+                stale = True
+        if stale:
+            self.stats.dropped_stale += 1
+            self._resolve(item, exc=StaleWork("dropped: session cancelled or interrupted"))
+        return stale
+
+    def _run(self, model: BatchModel[Any, Any], batch: list[_Item]) -> None:
+        started = time.monotonic()
+        cpu_started = time.thread_time()
+        try:
+            results = model.run_batch([item.payload for item in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(
+                    f"model {self.name} returned {len(results)} results for {len(batch)} items"
+                )
+        except Exception as exc:
+            log.exception("batch of %d on %s failed", len(batch), self.name)
+            self.stats.failed += len(batch)
+            for item in batch:
+                self._resolve(item, exc=exc)
+            return
+        elapsed = time.monotonic() - started
+        cpu = time.thread_time() - cpu_started
+        cost = sum(item.cost for item in batch)
+        self.stats.batches += 1
+        self.stats.items += len(batch)
+        self.stats.last_batch_size = len(batch)
+        if self.meter is not None:
+            self.meter.record(cpu, cost)
+        if self._on_batch is not None:
+            self._on_batch(len(batch), cost, elapsed)
+        for item, value in zip(batch, results, strict=True):
+            if isinstance(value, BaseException):
+                self._resolve(item, exc=value)
+                continue
+            result = WorkResult(
+                value=value,
+                queue_ms=(started - item.enqueued) * 1000.0,
+                infer_ms=elapsed * 1000.0,
+                batch_size=len(batch),
+                batch_cost=cost,
+            )
+            self._resolve(item, value=result)
+
+    @staticmethod
+    def _resolve(item: _Item, value: Any = None, exc: BaseException | None = None) -> None:
+        def _set() -> None:
+            if item.future.done():
+                return
+            if exc is not None:
+                item.future.set_exception(exc)
+            else:
+                item.future.set_result(value)
+
+        try:
+            item.loop.call_soon_threadsafe(_set)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass

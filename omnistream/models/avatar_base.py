@@ -1,0 +1,131 @@
+"""The contract between avatar sessions and avatar models (embedded or neural).
+
+Two kinds of work go to an avatar model's runner:
+
+* :class:`PrepareRequest` — once per reference image (cached by the session layer by
+  content hash, size and model): find the face, crop, build masks. It runs on the model's
+  own runner so that a GPU model can keep the prepared tensors on its device.
+* :class:`ChunkRequest` — render ``frame_count`` frames for one chunk of a session's audio.
+  Requests from every live session share a batch; each carries the per-session state the
+  model handed back last time (smoothing filters, blink timers), so models stay stateless
+  and any replica can serve any session.
+
+Frame ``i`` of a chunk is shown at ``(first_frame_index + i) / fps`` seconds of the
+session's clock; ``audio[audio_offset]`` is the sample at ``start_sample`` of that clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from omnistream.models.base import BatchModel
+
+RGBFrame = npt.NDArray[np.uint8]
+
+
+class NoFaceFound(ValueError):
+    """The reference image has no detectable face and the model cannot fall back."""
+
+
+@dataclass(frozen=True)
+class PrepareRequest:
+    """Prepare one reference image (RGB uint8, any size) for ``width``×``height`` output."""
+
+    image: RGBFrame
+    width: int
+    height: int
+    content_hash: str
+
+
+@dataclass
+class ChunkRequest:
+    """Render the frames of one chunk of one session.
+
+    Attributes:
+        avatar: what :class:`PrepareRequest` returned for this session's reference.
+        audio: float32 mono at ``sample_rate``: past context, the chunk, then any
+            lookahead the session already has.
+        audio_offset: index in ``audio`` of the chunk's first sample.
+        start_sample: that sample's position on the session clock.
+        first_frame_index: session-clock index of the first frame to render.
+        frame_count: frames to render (0 is legal: a priming chunk).
+        fps: output frame rate.
+        sample_rate: audio rate (16 kHz on every avatar protocol).
+        state: the model's per-session state from the previous chunk (None at first).
+        session_id: for logs and batch statistics only.
+    """
+
+    avatar: Any
+    audio: npt.NDArray[np.float32]
+    audio_offset: int
+    start_sample: int
+    first_frame_index: int
+    frame_count: int
+    fps: int
+    sample_rate: int = 16000
+    state: Any = None
+    session_id: str = ""
+
+
+@dataclass
+class ChunkResult:
+    """Rendered frames (RGB uint8, height×width×3) and the state for the next chunk."""
+
+    frames: list[RGBFrame]
+    state: Any = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+AvatarPayload = PrepareRequest | ChunkRequest
+AvatarOutput = Any  # prepared avatar for PrepareRequest, ChunkResult for ChunkRequest
+
+
+class AvatarModel(BatchModel[AvatarPayload, AvatarOutput]):
+    """Base class for avatar models: dispatches prepare and render work.
+
+    Subclasses implement :meth:`prepare` and :meth:`render`; ``max_batch_cost`` counts
+    frames. ``context_s`` and ``lookahead_s`` tell sessions how much audio around a chunk
+    the model wants to see.
+    """
+
+    max_batch_cost: float = 256.0
+    context_s: float = 0.2
+    lookahead_s: float = 0.04
+
+    def cost(self, payload: AvatarPayload) -> float:
+        if isinstance(payload, PrepareRequest):
+            return 1.0
+        return float(max(1, payload.frame_count))
+
+    def batch_key(self, payload: AvatarPayload) -> Hashable:
+        # Preparations run alone; every chunk of every session may share a batch.
+        if isinstance(payload, PrepareRequest):
+            return ("prepare", id(payload))
+        return "render"
+
+    def run_batch(self, payloads: list[AvatarPayload]) -> list[AvatarOutput]:  # type: ignore[override]
+        chunks = [p for p in payloads if isinstance(p, ChunkRequest)]
+        rendered = iter(self.render(chunks) if chunks else [])
+        out: list[AvatarOutput] = []
+        for payload in payloads:
+            if isinstance(payload, PrepareRequest):
+                try:
+                    out.append(self.prepare(payload))
+                except Exception as exc:  # one bad image must not fail other items
+                    out.append(exc)
+            else:
+                out.append(next(rendered))
+        return out
+
+    def prepare(self, request: PrepareRequest) -> Any:
+        """Analyse a reference image once; the result is shared by every session using it."""
+        raise NotImplementedError
+
+    def render(self, chunks: list[ChunkRequest]) -> list[ChunkResult | BaseException]:
+        """Render a batch of chunks, possibly from many sessions, in one call."""
+        raise NotImplementedError

@@ -1,0 +1,43 @@
+"""The interface every model offers the engine's runners.
+
+A runner owns one loaded model per replica and calls :meth:`BatchModel.run_batch` from its
+own thread with work gathered from every live session. The model says how much work fits
+in one call (``max_batch_cost``), how much one item costs (frames for a video model,
+characters for TTS) and which items may share a call (``batch_key``): a Wav2Lip batch can
+mix sessions freely, a TTS batch cannot mix voices.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Hashable, Sequence
+from typing import Generic, TypeVar
+
+P = TypeVar("P")
+R = TypeVar("R")
+
+
+class BatchModel(ABC, Generic[P, R]):
+    """A loaded model that turns a batch of payloads into a list of results, in order."""
+
+    #: Upper bound on the summed :meth:`cost` of one batch (at least one item always runs).
+    max_batch_cost: float = 1.0
+
+    def cost(self, payload: P) -> float:
+        """Work units of one payload (frames, characters…); 1 by default."""
+        return 1.0
+
+    def batch_key(self, payload: P) -> Hashable:
+        """Payloads with equal keys may share a batch. Everything shares by default."""
+        return None
+
+    @abstractmethod
+    def run_batch(self, payloads: Sequence[P]) -> list[R]:
+        """Run one batch. Called from a runner thread, never from the event loop.
+
+        An exception fails every item of the batch; per-item failures should be returned
+        as exceptions in the result list instead so that other sessions are unaffected.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release device memory or native handles (optional)."""

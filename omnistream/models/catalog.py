@@ -1,0 +1,22 @@
+"""Every model omnistream knows, registered in one place.
+
+Each model family exposes ``specs(settings) -> list[ModelSpec]``; this module collects
+them into the registry the server uses. A family whose optional packages are missing
+still registers its specs, marked unavailable with the reason.
+"""
+
+from __future__ import annotations
+
+from omnistream.engine.registry import ModelRegistry
+from omnistream.settings import Settings
+
+
+def build_registry(settings: Settings) -> ModelRegistry:
+    """The registry for a server, narrowed to ``settings.model_tiers``."""
+    from omnistream.models.avatar_lite import specs as avatar_lite_specs
+
+    registry = ModelRegistry(settings.model_tiers)
+    for family in (avatar_lite_specs,):
+        for spec in family(settings):
+            registry.register(spec)
+    return registry

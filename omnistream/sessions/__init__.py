@@ -1,0 +1,1 @@
+"""Session lifecycles, their media graphs and clocks, and admission control."""

@@ -1,0 +1,132 @@
+"""The session manager: admission control, the live-session table, idle expiry.
+
+Capacity is admitted, not hoped for (house rule 6): a new realtime session is refused
+with :class:`CapacityExceeded` when the static ``max_sessions`` cap is reached, or when the
+measured CPU cost of the sessions already live plus the new one would exceed the target
+utilisation. Refusing one client is better than letting every live one fall behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Protocol
+
+from omnistream.engine.capacity import CapacityPlanner
+from omnistream.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class CapacityExceeded(Exception):
+    """No room for another realtime session; retry after ``retry_after_s`` seconds."""
+
+    def __init__(self, message: str, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ManagedSession(Protocol):
+    """What the manager needs from any realtime session."""
+
+    id: str
+    kind: str
+    last_activity: float
+
+    @property
+    def units_per_second(self) -> float:
+        """Work units (frames, samples…) the session needs per second of real time."""
+
+    @property
+    def capacity_stages(self) -> list[str]:
+        """Capacity meters that price this session's units."""
+
+    async def expire(self, reason: str) -> None:
+        """Close the session because the server decided so (idle, shutdown)."""
+
+
+class SessionManager:
+    """Tracks every live realtime session and decides who may start one."""
+
+    def __init__(
+        self,
+        planner: CapacityPlanner,
+        metrics: Metrics,
+        *,
+        max_sessions: int,
+        idle_timeout_s: float,
+    ) -> None:
+        self.planner = planner
+        self.metrics = metrics
+        self.max_sessions = max_sessions
+        self.idle_timeout_s = idle_timeout_s
+        self._live: dict[str, ManagedSession] = {}
+        self._reaper: asyncio.Task[None] | None = None
+
+    def admit(self, session: ManagedSession) -> None:
+        """Register a session, or raise :class:`CapacityExceeded` without registering it."""
+        if len(self._live) >= self.max_sessions:
+            self.metrics.sessions_refused.labels(session.kind, "max_sessions").inc()
+            raise CapacityExceeded(
+                f"Server is at its limit of {self.max_sessions} live sessions."
+            )
+        stages = session.capacity_stages
+        live_units = sum(
+            s.units_per_second for s in self._live.values() if s.capacity_stages == stages
+        )
+        if stages and not self.planner.admits(stages, live_units, session.units_per_second):
+            self.metrics.sessions_refused.labels(session.kind, "capacity").inc()
+            ceiling = self.planner.max_units_per_second(stages) or 0.0
+            raise CapacityExceeded(
+                "Server is at measured capacity: another session would push live sessions "
+                f"past real time ({live_units:.0f} of {ceiling:.0f} units/s in use)."
+            )
+        self._live[session.id] = session
+        self.metrics.sessions_total.labels(session.kind).inc()
+        self.metrics.live_sessions.labels(session.kind).inc()
+
+    def release(self, session: ManagedSession) -> None:
+        """Forget a session; idempotent so every close path may call it."""
+        if self._live.pop(session.id, None) is not None:
+            self.metrics.live_sessions.labels(session.kind).dec()
+
+    def get(self, session_id: str) -> ManagedSession | None:
+        """A live session by id."""
+        return self._live.get(session_id)
+
+    def live(self, kind: str | None = None) -> list[ManagedSession]:
+        """Live sessions, optionally of one kind."""
+        return [s for s in self._live.values() if kind is None or s.kind == kind]
+
+    def start(self) -> None:
+        """Start the idle reaper (call from the running loop)."""
+        if self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap(), name="session-reaper")
+
+    async def aclose(self) -> None:
+        """Stop the reaper and expire every live session (server shutdown)."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
+        for session in list(self._live.values()):
+            with contextlib.suppress(Exception):
+                await session.expire("server shutting down")
+            self.release(session)
+
+    async def _reap(self) -> None:
+        interval = max(0.5, min(5.0, self.idle_timeout_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for session in list(self._live.values()):
+                if now - session.last_activity > self.idle_timeout_s:
+                    log.info("session %s idle for %.0fs: closing", session.id, self.idle_timeout_s)
+                    try:
+                        await session.expire("idle timeout")
+                    except Exception:
+                        log.exception("expiring session %s failed", session.id)
+                    self.release(session)

@@ -1,0 +1,67 @@
+"""Service routes every deployment needs: health, readiness, Prometheus, model lists."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from omnistream import __version__
+from omnistream.transports.state import get_state
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+@router.get("/health")
+async def health(request: Request) -> dict[str, Any]:
+    """Liveness: the process and its event loop answer."""
+    state = get_state(request)
+    return {
+        "status": "ok",
+        "version": __version__,
+        "live_sessions": len(state.sessions.live()),
+    }
+
+
+@router.get("/readyz")
+async def ready(request: Request) -> dict[str, Any]:
+    """Readiness: tier policy and whether each core model is loaded and available."""
+    state = get_state(request)
+    models = {
+        spec.id: {
+            "tier": str(spec.tier),
+            "loaded": state.engine.loaded(spec.id),
+            "available": spec.unavailable_reason() is None,
+            "reason": spec.unavailable_reason() or "",
+        }
+        for spec in state.registry.specs()
+    }
+    return {
+        "status": "ready",
+        "allowed_model_tiers": sorted(str(t) for t in state.registry.allowed_tiers),
+        "models": models,
+    }
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus exposition of this server's registry."""
+    state = get_state(request)
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/audio2video/models")
+@router.get("/v1/avatar/models")
+async def avatar_models(request: Request) -> dict[str, Any]:
+    """FlashTalk-compatible model list: ids usable now plus a status for every model."""
+    state = get_state(request)
+    statuses = []
+    usable = []
+    for spec in state.registry.specs("audio2video"):
+        reason = spec.unavailable_reason()
+        statuses.append({"id": spec.id, "connected": reason is None, "reason": reason or ""})
+        if reason is None:
+            usable.append(spec.id)
+    return {"models": usable, "statuses": statuses}
