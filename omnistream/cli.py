@@ -13,7 +13,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "omnistream.bench.cli",
+    "omnistream.jobs.cli",
+)
 
 log = logging.getLogger("omnistream")
 
@@ -81,7 +84,7 @@ def uvicorn_options(settings: Any) -> dict[str, Any]:
         "host": settings.host,
         "port": settings.port,
         "loop": "uvloop" if sys.platform != "win32" else "asyncio",
-        "ws": "websockets",
+        "ws": "websockets-sansio",
         # The transport refuses messages far past the app limit outright; between the
         # two the app answers with a protocol error and keeps the socket.
         "ws_max_size": settings.max_message_bytes * 2,

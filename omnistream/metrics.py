@@ -71,3 +71,80 @@ class Metrics:
         self.frames_encoded = Counter(
             "omnistream_frames_encoded_total", "JPEG frames encoded", registry=r
         )
+        # Streaming TTS (omnistream/sessions/tts.py)
+        self.tts_streams_live = Gauge(
+            "omnistream_tts_streams_live", "TTS streams synthesising now", ["model"], registry=r
+        )
+        self.tts_first_audio = Histogram(
+            "omnistream_tts_first_audio_seconds",
+            "Time from a TTS stream's first text to its first PCM chunk ready to send",
+            ["model"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.tts_rtf = Histogram(
+            "omnistream_tts_rtf",
+            "Real-time factor of finished TTS streams (model seconds per audio second)",
+            ["model"],
+            buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0),
+            registry=r,
+        )
+        self.tts_underruns = Counter(
+            "omnistream_tts_underruns_total",
+            "TTS segments ready after a real-time listener would have run out of audio",
+            ["model"],
+            registry=r,
+        )
+        self.tts_cancelled = Counter(
+            "omnistream_tts_cancelled_total",
+            "TTS streams stopped before the end of their text",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.tts_audio_seconds = Counter(
+            "omnistream_tts_audio_seconds_total", "Seconds of speech synthesised", ["model"],
+            registry=r,
+        )
+        # WebRTC avatar sessions (omnistream.transports.webrtc)
+        self.webrtc_sessions = Gauge(
+            "omnistream_webrtc_sessions", "Live WebRTC avatar sessions", registry=r
+        )
+        self.webrtc_sessions_closed = Counter(
+            "omnistream_webrtc_sessions_closed_total",
+            "WebRTC sessions closed, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.webrtc_av_skew = Histogram(
+            "omnistream_webrtc_av_skew_seconds",
+            "How far a sent video frame's content is from the audio sent with it",
+            buckets=(0.002, 0.005, 0.01, 0.02, 0.03, 0.045, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5),
+            registry=r,
+        )
+        self.webrtc_delivered_fps = Histogram(
+            "omnistream_webrtc_delivered_fps",
+            "Video frames a WebRTC session delivered in the last second (sampled each second)",
+            buckets=(1, 5, 10, 15, 20, 23, 24, 25, 29, 30, 50, 60),
+            registry=r,
+        )
+        self.webrtc_frames_delivered = Counter(
+            "omnistream_webrtc_frames_delivered_total", "Video frames sent to browsers", registry=r
+        )
+        self.webrtc_frames_dropped = Counter(
+            "omnistream_webrtc_frames_dropped_total",
+            "Video frame slots not filled by a frame rendered for them",
+            registry=r,
+        )
+        self.webrtc_encode_seconds = Histogram(
+            "omnistream_webrtc_encode_seconds",
+            "Encode time per WebRTC frame",
+            ["kind", "codec"],
+            buckets=(0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.012, 0.016, 0.025, 0.04, 0.1),
+            registry=r,
+        )
+        self.webrtc_time_to_first_audio = Histogram(
+            "omnistream_webrtc_time_to_first_audio_seconds",
+            "From a data-channel speak to its first audio packet sent",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )

@@ -6,6 +6,8 @@ is an explicit setting here with a default, so operators can see and change it.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -27,6 +29,12 @@ class Settings(BaseSettings):
         description="Model names on the FlashTalk routes that mean 'the default avatar model'.",
     )
     avatar_replicas: int = Field(0, description="Render threads for CPU avatar models; 0 = cores")
+    wav2lip_96_path: str | None = Field(None, description="Local wav2lip-96 checkpoint (.pth)")
+    wav2lip_256_path: str | None = Field(None, description="Local wav2lip-256 checkpoint")
+    wav2lip_384_path: str | None = Field(None, description="Local wav2lip-384 checkpoint")
+    wav2lip_license: str | None = Field(
+        None, description="License of the configured Wav2Lip checkpoints (model manifest)"
+    )
 
     # Sessions and admission
     max_sessions: int = Field(64, ge=1, description="Hard cap on live realtime sessions")
@@ -46,6 +54,54 @@ class Settings(BaseSettings):
     max_fps: int = 60
     max_chunk_samples: int = Field(16000 * 10, description="Longest AUDI chunk (samples)")
     max_text_chars: int = 4096
+    # Streaming TTS
+    tts_model: str = Field("hibari", description="Voice model used when a request names none")
+    tts_model_aliases: list[str] = Field(
+        default_factory=lambda: ["default", "tts-1", "tts-1-hd", "gpt-4o-mini-tts"],
+        description="Model names (OpenAI's included) that mean the default TTS model.",
+    )
+    tts_replicas: int = Field(0, ge=0, description="hibari runner threads; 0 = cores")
+    tts_chunk_ms: int = Field(20, ge=10, le=100, description="PCM chunk length sent to clients")
+    tts_buffer_ms: int = Field(
+        2000, ge=100, description="Audio a stream may synthesise ahead of its reader"
+    )
+    tts_first_segment_words: int = Field(
+        6, ge=1, description="Words in a stream's first segment when no clause ends sooner"
+    )
+
+    # WebRTC avatar (POST /v1/webrtc/offer, /demo)
+    webrtc_ice_servers: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description='STUN/TURN servers, e.g. [{"urls":"stun:stun.example.org:3478"}] or '
+        '[{"urls":"turn:host:3478","username":"u","credential":"p"}]; empty = host only',
+    )
+    webrtc_codec: str = Field("vp8", description="Preferred video codec: vp8 or h264")
+    webrtc_fps: int = Field(25, ge=1, le=60, description="Default avatar frame rate")
+    webrtc_width: int = Field(416, description="Default avatar width (even)")
+    webrtc_height: int = Field(704, description="Default avatar height (even)")
+    webrtc_connect_timeout_s: float = Field(
+        20.0, gt=0, description="Free a peer connection that has not connected by then"
+    )
+    webrtc_peer_timeout_s: float = Field(
+        10.0, gt=0, description="Free a session whose browser sent no RTCP for this long"
+    )
+    webrtc_speech_buffer_ms: int = Field(
+        10000, ge=500, description="Speech audio written ahead of playback (bounded)"
+    )
+    webrtc_render_ahead_ms: int = Field(
+        200, ge=40, description="Video rendered ahead of playback (bounded frame queue)"
+    )
+    webrtc_speech_lead_ms: int = Field(
+        100, ge=0, description="Speech starts this far ahead of the play position"
+    )
+    webrtc_mic_delay_ms: int = Field(
+        160, ge=20, description="Mic audio drives frames this long after it arrives"
+    )
+    webrtc_max_message_bytes: int = Field(32768, description="Largest data-channel message")
+    webrtc_messages_per_s: float = Field(
+        20.0, gt=0, description="Sustained data-channel messages per second (burst 2x)"
+    )
+    webrtc_max_sdp_bytes: int = Field(65536, description="Largest SDP offer accepted")
 
     # Encoding
     jpeg_quality: int = Field(80, ge=1, le=100)
@@ -54,3 +110,16 @@ class Settings(BaseSettings):
 
     # Jobs and artifacts (offline generation)
     artifacts_dir: str = "./artifacts"
+    artifacts_max_files: int = Field(1000, ge=1, description="Artifacts kept before the oldest go")
+    artifacts_ttl_s: float = Field(24 * 3600.0, gt=0, description="Artifacts older than this go")
+    input_roots: list[str] = Field(
+        default_factory=list,
+        description="Server-local directories generate inputs may name by path (none = no paths)",
+    )
+    max_upload_bytes: int = Field(64 * 1024 * 1024, description="Largest generate input file")
+    max_input_audio_s: float = Field(600.0, gt=0, description="Longest generate input audio")
+    max_jobs: int = Field(256, ge=1, description="Finished jobs kept for GET /v1/jobs/{id}")
+    job_ttl_s: float = Field(3600.0, gt=0, description="Finished jobs older than this go")
+    max_running_jobs: int = Field(2, ge=1, description="Offline jobs that run at once")
+    max_queued_jobs: int = Field(64, ge=1, description="Offline jobs waiting before 429")
+    stt_model: str = "whisper-tiny.en"

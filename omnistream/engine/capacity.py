@@ -15,8 +15,10 @@ import threading
 class CapacityMeter:
     """An exponentially weighted average of CPU seconds per unit of work."""
 
-    def __init__(self, alpha: float = 0.05) -> None:
+    def __init__(self, alpha: float = 0.05, warmup: int = 2) -> None:
         self.alpha = alpha
+        self.warmup = warmup  # first observations pay one-off costs (lazy init, caches)
+        self._seen = 0
         self._per_unit: float | None = None
         self._lock = threading.Lock()
 
@@ -26,6 +28,9 @@ class CapacityMeter:
             return
         sample = cpu_seconds / units
         with self._lock:
+            self._seen += 1
+            if self._seen <= self.warmup:
+                return
             if self._per_unit is None:
                 self._per_unit = sample
             else:

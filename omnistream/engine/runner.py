@@ -62,7 +62,7 @@ class WorkResult(Generic[R]):
 class _Item:
     sort_key: tuple[int, float, int]
     payload: Any = field(compare=False)
-    cost: float = field(compare=False)
+    cost: float | None = field(compare=False)
     key: Hashable = field(compare=False)
     is_stale: Callable[[], bool] = field(compare=False)
     future: asyncio.Future[Any] = field(compare=False)
@@ -195,7 +195,7 @@ class ModelRunner:
         item = _Item(
             sort_key=(int(priority), deadline if deadline is not None else now, next(self._seq)),
             payload=payload,
-            cost=1.0 if cost is None else cost,
+            cost=cost,
             key=key,
             is_stale=is_stale,
             future=future,
@@ -255,6 +255,7 @@ class ModelRunner:
                 first = heapq.heappop(self._heap)
                 if self._drop_if_stale(first):
                     continue
+                first.cost = self._cost(model, first)
                 batch = [first]
                 total = first.cost
                 keep: list[_Item] = []
@@ -262,6 +263,7 @@ class ModelRunner:
                     candidate = heapq.heappop(self._heap)
                     if self._drop_if_stale(candidate):
                         continue
+                    candidate.cost = self._cost(model, candidate)
                     # Offline work never rides along ahead of queued realtime work, and
                     # only compatible payloads share a model call.
                     if (
@@ -278,6 +280,10 @@ class ModelRunner:
                 for item in keep:
                     heapq.heappush(self._heap, item)
                 return batch
+
+    @staticmethod
+    def _cost(model: BatchModel[Any, Any], item: _Item) -> float:
+        return item.cost if item.cost is not None else model.cost(item.payload)
 
     def _drop_if_stale(self, item: _Item) -> bool:
         stale = item.abandoned
@@ -308,7 +314,7 @@ class ModelRunner:
             return
         elapsed = time.monotonic() - started
         cpu = time.thread_time() - cpu_started
-        cost = sum(item.cost for item in batch)
+        cost = sum(item.cost or 0.0 for item in batch)
         self.stats.batches += 1
         self.stats.items += len(batch)
         self.stats.last_batch_size = len(batch)

@@ -98,8 +98,9 @@ class AvatarModel(BatchModel[AvatarPayload, AvatarOutput]):
     lookahead_s: float = 0.04
 
     def cost(self, payload: AvatarPayload) -> float:
+        # Preparation is one-off work: it must not skew the per-frame capacity estimate.
         if isinstance(payload, PrepareRequest):
-            return 1.0
+            return 0.0
         return float(max(1, payload.frame_count))
 
     def batch_key(self, payload: AvatarPayload) -> Hashable:

@@ -87,6 +87,11 @@ class SessionManager:
         self.metrics.sessions_total.labels(session.kind).inc()
         self.metrics.live_sessions.labels(session.kind).inc()
 
+    def admit_unchecked(self, session: ManagedSession) -> None:
+        """Register a session whose slot was already admitted (swapping a placeholder)."""
+        self._live[session.id] = session
+        self.metrics.live_sessions.labels(session.kind).inc()
+
     def release(self, session: ManagedSession) -> None:
         """Forget a session; idempotent so every close path may call it."""
         if self._live.pop(session.id, None) is not None:

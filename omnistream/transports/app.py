@@ -16,6 +16,7 @@ from omnistream.engine.capacity import CapacityPlanner
 from omnistream.engine.engine import Engine
 from omnistream.metrics import Metrics
 from omnistream.models.catalog import build_registry
+from omnistream.sessions.avatar import AvatarService
 from omnistream.sessions.manager import SessionManager
 from omnistream.settings import Settings
 from omnistream.transports.state import AppState
@@ -41,7 +42,8 @@ def build_state(settings: Settings) -> AppState:
     sessions = SessionManager(
         planner, metrics, max_sessions=settings.max_sessions, idle_timeout_s=settings.idle_timeout_s
     )
-    return AppState(settings, metrics, registry, engine, sessions)
+    avatars = AvatarService(engine, sessions, metrics, settings)
+    return AppState(settings, metrics, registry, engine, sessions, avatars)
 
 
 async def _watch_loop_lag(state: AppState) -> None:
@@ -80,5 +82,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(http_common.router)
     app.include_router(avatar_native.router)
+    # Before generate_http: its `/v1/models/{model_id}` would shadow `/v1/models/tts`.
+    from omnistream.transports import tts_http, tts_ws
+
+    app.include_router(tts_http.router)
+    app.include_router(tts_ws.router)
+    from omnistream.transports import generate_http
+
+    app.include_router(generate_http.router)
+    from omnistream.transports import webrtc as webrtc_routes
+
+    app.include_router(webrtc_routes.router)
     app.include_router(flashtalk.router)  # last: it owns the catch-all `WS /`
     return app

@@ -10,6 +10,7 @@ from starlette.requests import HTTPConnection
 from omnistream.engine.engine import Engine
 from omnistream.engine.registry import ModelRegistry, ModelSpec, ModelUnavailable
 from omnistream.metrics import Metrics
+from omnistream.sessions.avatar import AvatarService
 from omnistream.sessions.manager import SessionManager
 from omnistream.settings import Settings
 
@@ -33,6 +34,7 @@ class AppState:
     registry: ModelRegistry
     engine: Engine
     sessions: SessionManager
+    avatars: AvatarService
     extras: dict[str, Any] = field(default_factory=dict)
 
     def resolve_model(self, model_id: str, task: str | None = None) -> ModelSpec:

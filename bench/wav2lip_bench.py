@@ -1,0 +1,134 @@
+"""Wav2Lip throughput: model-only frames/s per batch size, and one render path figure.
+
+Random weights (BatchNorm folded, as the loader leaves a real checkpoint): the speed of
+a convolutional network does not depend on the values of its weights.
+
+Three figures per variant and batch size:
+
+* ``full``: the whole generator per frame (face encoder + audio encoder + decoder),
+  what a video-loop avatar would cost;
+* ``cached``: what omnistream runs per frame for a still reference — audio encoder and
+  decoder, the avatar's face features gathered from the cache (``Wav2LipModel.infer``;
+  on CUDA this is the bf16 CUDA-graph path);
+* ``render``: ``Wav2LipModel.render`` on 416×704 FlashTalk frames — mel features,
+  the generator and paste-back (no JPEG).
+
+Usage::
+
+    python bench/wav2lip_bench.py --variants 96 256 384 --out bench/results/wav2lip_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from omnistream.models.avatar_base import ChunkRequest, PrepareRequest
+from omnistream.models.wav2lip.model import Wav2LipModel
+from omnistream.models.wav2lip.network import LAYOUTS, build
+
+DEFAULT_BATCHES = {"96": [1, 4, 16, 32], "256": [1, 4, 8], "384": [1, 2]}
+
+
+def _timeit(fn: Any, frames: int, min_s: float, min_reps: int, sync: Any) -> dict[str, float]:
+    fn()  # warm-up (allocations, oneDNN / cuDNN selection, graph capture)
+    sync()
+    reps, started = 0, time.perf_counter()
+    while reps < min_reps or time.perf_counter() - started < min_s:
+        fn()
+        reps += 1
+    sync()
+    elapsed = time.perf_counter() - started
+    return {"reps": reps, "seconds": round(elapsed, 3),
+            "ms_per_batch": round(1000 * elapsed / reps, 2),
+            "frames_per_s": round(frames * reps / elapsed, 2)}
+
+
+def bench_variant(variant: str, batches: list[int], device: str, min_s: float,
+                  min_reps: int) -> dict[str, Any]:
+    size = LAYOUTS[variant].size
+    net = build(variant)
+    net.fold_batchnorm()
+    model = Wav2LipModel(net, device, max_batch=max(batches))
+    sync = torch.cuda.synchronize if model.is_cuda else (lambda: None)
+    import cv2
+
+    from omnistream.sessions.avatar import default_avatar_bytes
+
+    bgr = cv2.imdecode(np.frombuffer(default_avatar_bytes(), np.uint8), cv2.IMREAD_COLOR)
+    avatar = model.prepare(PrepareRequest(np.ascontiguousarray(bgr[:, :, ::-1]), 416, 704,
+                                          "bench"))
+    dev = model._device_avatar(avatar)
+    rows = []
+    for batch in batches:
+        mel_np = np.random.default_rng(0).uniform(-4, 4, (batch, 1, 80, 16)).astype(np.float32)
+        mel = torch.from_numpy(mel_np).to(model.device, model.dtype)
+        face = torch.rand(batch, 6, size, size, device=model.device, dtype=model.dtype)
+        face = face.contiguous(memory_format=torch.channels_last)
+
+        def full(mel: torch.Tensor = mel, face: torch.Tensor = face) -> None:
+            with torch.inference_mode():
+                model.net(mel, face)
+
+        def cached(mel_np: np.ndarray = mel_np, batch: int = batch) -> None:
+            model.infer(mel_np, [dev] * batch)
+
+        row = {"batch": batch,
+               "full": _timeit(full, batch, min_s, min_reps, sync),
+               "cached": _timeit(cached, batch, min_s, min_reps, sync)}
+        rows.append(row)
+        print(f"wav2lip-{variant} batch {batch:4d}: full {row['full']['frames_per_s']:9.2f} f/s"
+              f"  cached-face {row['cached']['frames_per_s']:9.2f} f/s", flush=True)
+    # The render path at the largest batch: one chunk of that many frames.
+    frames = max(batches)
+    audio = (0.1 * np.random.default_rng(1).standard_normal(frames * 640 + 4000)).astype(
+        np.float32
+    )
+    chunk = ChunkRequest(avatar=avatar, audio=audio, audio_offset=4000, start_sample=0,
+                         first_frame_index=0, frame_count=frames, fps=25)
+    render = _timeit(lambda: model.render([chunk]), frames, min_s, min_reps, sync)
+    print(f"wav2lip-{variant} render {frames} frames at 416x704: "
+          f"{render['frames_per_s']:.2f} f/s", flush=True)
+    model.close()
+    return {"variant": f"wav2lip-{variant}", "device": device, "dtype": str(model.dtype),
+            "cuda_graphs": model.use_graphs, "batches": rows,
+            "render_416x704": {"batch": frames, **render}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", nargs="+", default=["96", "256", "384"])
+    parser.add_argument("--batches", nargs="+", type=int, help="override batch sizes")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--min-seconds", type=float, default=2.0)
+    parser.add_argument("--min-reps", type=int, default=2)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    results = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                    "torch_threads": torch.get_num_threads(),
+                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "results": [],
+    }
+    for variant in args.variants:
+        batches = args.batches or DEFAULT_BATCHES[variant]
+        results["results"].append(
+            bench_variant(variant, batches, args.device, args.min_seconds, args.min_reps)
+        )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

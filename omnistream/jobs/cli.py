@@ -1,0 +1,478 @@
+"""CLI subcommands: ``generate``, ``validate``, ``models`` and ``profile validate``.
+
+``generate`` runs a task in-process on the same engine and one-shot session code the server
+uses (or, with ``--server``, submits it to a running server and follows its events), shows
+a progress bar on stderr, writes the outputs to a directory and prints the RunReport.
+Local files named by flags or by ``{"path": …}`` in a request file are read here and sent
+inline, so the server's allowed input roots never need to include a client's files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from omnistream.jobs.schemas import TASKS, GenerateRequest
+from omnistream.jobs.yamlsource import SourceDocument, SourceError, parse_error
+
+MEDIA_INPUTS = ("audio", "image", "mask")
+SERVICE_ADAPTERS = {
+    "audio2video": ["flashtalk.ws", "avatar.realtime.ws", "webrtc", "/v1/generate"],
+    "text2audio": ["text2audio.service.v1", "openai.audio.speech", "/v1/generate"],
+    "audio2text": ["openai.audio.transcriptions", "/v1/generate"],
+}
+
+
+def register(subparsers: Any) -> None:
+    """Add the subcommands to ``omnistream``'s parser."""
+    g = subparsers.add_parser(
+        "generate", help="run an offline task (audio2video, text2audio, audio2text)"
+    )
+    g.add_argument("request_file", nargs="?", help="GenerateRequest as YAML or JSON ('-' = stdin)")
+    g.add_argument("--task", choices=TASKS)
+    g.add_argument("--model")
+    g.add_argument("--backend", choices=["auto", "cuda", "cpu", "cpu-stub"])
+    g.add_argument("--prompt", help="text input (text2audio)")
+    g.add_argument("--audio", help="audio file")
+    g.add_argument("--image", help="reference image file")
+    g.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an input; VALUE '@file' reads a file (repeatable)",
+    )
+    g.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config value, parsed as JSON when it is JSON (repeatable)",
+    )
+    g.add_argument("-o", "--output-dir", default="outputs", help="where outputs are written")
+    g.add_argument(
+        "--server", help="submit to this server (http://host:port) instead of in-process"
+    )
+    g.add_argument("--report", help="also write the RunReport JSON to this file")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=cmd_generate)
+
+    v = subparsers.add_parser("validate", help="check a GenerateRequest file without running it")
+    v.add_argument("request_file", help="YAML or JSON ('-' = stdin)")
+    v.set_defaults(func=cmd_validate)
+
+    m = subparsers.add_parser("models", help="list models, or show one (the capability manifest)")
+    m.add_argument("model_id", nargs="?")
+    m.add_argument("--manifest", action="store_true", help="print the Model Capability Manifest")
+    m.add_argument(
+        "--tier",
+        action="append",
+        choices=["core", "adjacent", "experimental"],
+        help="only these tiers (repeatable)",
+    )
+    m.add_argument("--json", action="store_true", help="JSON instead of a table")
+    m.set_defaults(func=cmd_models)
+
+    p = subparsers.add_parser("profile", help="Runtime Profile tools")
+    psub = p.add_subparsers(dest="profile_command", required=True)
+    pv = psub.add_parser("validate", help="check a Runtime Profile (line-precise errors)")
+    pv.add_argument("path")
+    pv.set_defaults(func=cmd_profile_validate)
+
+
+# -- request building -------------------------------------------------------------------
+
+
+def _value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def _file_b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _inline_paths(inputs: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Replace ``{"path": p}`` and ``"@p"`` media inputs by the file's base64."""
+    out = dict(inputs)
+    for key, value in inputs.items():
+        path: Path | None = None
+        if isinstance(value, dict) and set(value) == {"path"}:
+            path = Path(str(value["path"]))
+        elif isinstance(value, str) and value.startswith("@"):
+            path = Path(value[1:])
+        if path is not None:
+            if not path.is_absolute():
+                path = base / path
+            out[key] = _file_b64(path)
+    return out
+
+
+def build_request(args: argparse.Namespace) -> GenerateRequest:
+    """A GenerateRequest from a request file and flags (flags win)."""
+    body: dict[str, Any] = {}
+    base = Path.cwd()
+    if args.request_file:
+        doc = SourceDocument.read(args.request_file)
+        if not isinstance(doc.data, dict):
+            raise SystemExit(f"{doc.path}: a request must be a mapping")
+        body = dict(doc.data)
+        if args.request_file != "-":
+            base = Path(args.request_file).resolve().parent
+    inputs = _inline_paths(dict(body.get("inputs") or {}), base)
+    cwd_inputs: dict[str, Any] = {}
+    for name in ("audio", "image"):
+        if getattr(args, name, None):
+            cwd_inputs[name] = {"path": getattr(args, name)}
+    if getattr(args, "prompt", None):
+        cwd_inputs["prompt"] = args.prompt
+    for item in args.input:
+        key, _, raw = item.partition("=")
+        cwd_inputs[key] = raw if raw.startswith("@") else _value(raw)
+    inputs.update(_inline_paths(cwd_inputs, Path.cwd()))
+    config = dict(body.get("config") or {})
+    for item in args.config:
+        key, _, raw = item.partition("=")
+        config[key] = _value(raw)
+    for key in ("task", "model", "backend"):
+        if getattr(args, key, None):
+            body[key] = getattr(args, key)
+    body.update(inputs=inputs, config=config, async_run=False)
+    if "task" not in body:
+        raise SystemExit("omnistream generate: give --task or a request file with 'task'")
+    return GenerateRequest.model_validate(body)
+
+
+# -- progress ----------------------------------------------------------------------------
+
+
+class Progress:
+    """A one-line progress bar on stderr (a line per stage when not a terminal)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self._last = ""
+
+    def event(self, event: dict[str, Any]) -> None:
+        if self.quiet:
+            return
+        name, stage = event.get("event"), event.get("stage")
+        data = event.get("data") or {}
+        if name == "stage_progress":
+            fraction = float(data.get("fraction", 0.0))
+            bar = "#" * int(fraction * 30)
+            line = f"[{bar:<30}] {fraction * 100:5.1f}% {stage}"
+            if self.tty:
+                sys.stderr.write("\r" + line)
+            elif fraction >= 1.0:
+                sys.stderr.write(line + "\n")
+            self._last = line
+        elif name == "stage_start":
+            if self.tty and self._last:
+                sys.stderr.write("\n")
+            self._last = ""
+            sys.stderr.write(f"{stage}...\n")
+        elif name in ("job_finished", "job_failed", "job_cancelled"):
+            if self.tty and self._last:
+                sys.stderr.write("\n")
+            sys.stderr.write(f"{name}\n")
+        sys.stderr.flush()
+
+
+# -- generate ------------------------------------------------------------------------------
+
+
+def _output_name(task: str, index: int, src: Path | str) -> str:
+    suffix = Path(str(src)).suffix or ".bin"
+    return f"{task}-{index}{suffix}"
+
+
+def _copy_outputs(task: str, result: dict[str, Any], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for index, artifact in enumerate(result["outputs"]):
+        src = Path(artifact["path"])
+        dest = out_dir / _output_name(task, index, src)
+        shutil.copyfile(src, dest)
+        artifact["path"] = str(dest)
+        artifact["url"] = None
+
+
+async def _generate_local(
+    request: GenerateRequest, out_dir: Path, progress: Progress
+) -> tuple[int, dict[str, Any]]:
+    from omnistream.jobs.errors import GenerateError
+    from omnistream.jobs.service import JobService
+    from omnistream.settings import Settings
+    from omnistream.transports.app import build_state
+
+    tmp = Path(tempfile.mkdtemp(prefix="omnistream-artifacts-"))
+    settings = Settings(artifacts_dir=str(tmp))
+    state = build_state(settings)
+    service = JobService(state)
+    try:
+        try:
+            job = await service.submit(request, mode="cli")
+        except GenerateError as exc:
+            return 2, {"error": exc.as_dict()}
+        async for event in job.follow():
+            progress.event(event.model_dump(mode="json"))
+        record = job.record(with_events=False).model_dump(mode="json")
+        if job.state != "succeeded" or job.result is None:
+            return 1, record
+        result = job.result.model_dump(mode="json")
+        await asyncio.to_thread(_copy_outputs, request.task, result, out_dir)
+        return 0, result
+    finally:
+        await service.aclose()
+        await asyncio.to_thread(state.engine.close)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _generate_remote(
+    request: GenerateRequest, server: str, out_dir: Path, progress: Progress
+) -> tuple[int, dict[str, Any]]:
+    import httpx
+
+    body = request.model_dump(mode="json") | {"async_run": True}
+    with httpx.Client(
+        base_url=server.rstrip("/"), timeout=httpx.Timeout(30.0, read=None)
+    ) as client:
+        response = client.post("/v1/generate", json=body)
+        if response.status_code != 200:
+            return 2, response.json()
+        job_id = response.json()["id"]
+        with client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data: "):
+                    progress.event(json.loads(line[6:]))
+        record = client.get(f"/v1/jobs/{job_id}").json()
+        if record.get("state") != "succeeded":
+            record.pop("events", None)
+            return 1, record
+        result: dict[str, Any] = record["result"]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for index, artifact in enumerate(result["outputs"]):
+            dest = out_dir / _output_name(
+                request.task, index, artifact.get("path") or artifact["url"]
+            )
+            with client.stream("GET", artifact["url"]) as download, dest.open("wb") as fh:
+                download.raise_for_status()
+                for chunk in download.iter_bytes():
+                    fh.write(chunk)
+            artifact["path"] = str(dest)
+        return 0, result
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """``omnistream generate``: run, write outputs, print the report (JSON on stdout)."""
+    from pydantic import ValidationError
+
+    try:
+        request = build_request(args)
+    except ValidationError as exc:
+        sys.stderr.write(f"invalid request: {exc}\n")
+        return 2
+    except OSError as exc:
+        sys.stderr.write(f"cannot read input: {exc}\n")
+        return 2
+    progress = Progress(args.quiet)
+    out_dir = Path(args.output_dir)
+    if args.server:
+        code, result = _generate_remote(request, args.server, out_dir, progress)
+    else:
+        code, result = asyncio.run(_generate_local(request, out_dir, progress))
+    if code == 0:
+        for artifact in result["outputs"]:
+            sys.stderr.write(f"wrote {artifact['path']}\n")
+        if args.report:
+            Path(args.report).write_text(json.dumps(result["metadata"], indent=2), encoding="utf-8")
+    json.dump(result, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return code
+
+
+# -- validate ------------------------------------------------------------------------------
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """``omnistream validate``: schema, task, model and inputs of a request file."""
+    from omnistream.jobs.errors import GenerateError
+    from omnistream.jobs.service import JobService
+    from omnistream.jobs.tasks import TASK_IMPLS
+    from omnistream.settings import Settings
+    from omnistream.transports.app import build_state
+
+    try:
+        doc = SourceDocument.read(args.request_file)
+    except yaml.YAMLError as exc:
+        print(parse_error(exc, args.request_file), file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{args.request_file}: {exc}", file=sys.stderr)
+        return 1
+    if not isinstance(doc.data, dict):
+        print(
+            doc.error((), "a request must be a mapping with 'task' and 'inputs'"), file=sys.stderr
+        )
+        return 1
+    parsed, errors = doc.validate(GenerateRequest)
+    if errors or parsed is None:
+        for error in errors:
+            print(error, file=sys.stderr)
+        return 1
+    assert isinstance(parsed, GenerateRequest)
+    base = Path(args.request_file).resolve().parent if args.request_file != "-" else Path.cwd()
+    try:
+        inputs = _inline_paths(parsed.inputs, base)
+    except OSError as exc:
+        print(doc.error(("inputs",), f"cannot read input file: {exc}"), file=sys.stderr)
+        return 1
+    request = parsed.model_copy(update={"inputs": inputs})
+    state = build_state(Settings())
+    service = JobService(state)
+    try:
+        spec = service.resolve(request)
+        TASK_IMPLS[request.task].prepare(request, {}, service.limits, spec)
+    except GenerateError as exc:
+        loc: tuple[Any, ...] = ("model",) if "model" in exc.code else ("task",)
+        if exc.code.endswith("input") or (
+            exc.code.startswith("invalid_") and "config" not in exc.code
+        ):
+            loc = ("inputs",)
+        if "config" in exc.code:
+            loc = ("config",)
+        print(doc.error(loc, f"{exc.code}: {exc.message}"), file=sys.stderr)
+        return 1
+    finally:
+        state.engine.close()
+    print(f"{doc.path}: ok (task {request.task}, model {spec.id})")
+    return 0
+
+
+# -- models --------------------------------------------------------------------------------
+
+
+def manifest(spec: Any) -> dict[str, Any]:
+    """The Model Capability Manifest of one model."""
+    from omnistream.jobs.tasks import TASK_IMPLS
+
+    caps = dict(spec.capabilities)
+    inputs: dict[str, list[str]] = {}
+    outputs: dict[str, list[str]] = {}
+    adapters: list[str] = []
+    for task in spec.tasks:
+        impl = TASK_IMPLS.get(task)
+        inputs[task] = list(impl.inputs) if impl else list(caps.get("inputs", []))
+        outputs[task] = list(impl.outputs) if impl else list(caps.get("outputs", []))
+        adapters += [a for a in SERVICE_ADAPTERS.get(task, []) if a not in adapters]
+    reason = spec.unavailable_reason()
+    return {
+        "id": spec.id,
+        "tasks": list(spec.tasks),
+        "tier": str(spec.tier),
+        "maturity": spec.maturity,
+        "owned_by": spec.owned_by,
+        "summary": spec.summary,
+        "inputs": inputs,
+        "outputs": outputs,
+        "streaming": caps.get("streaming", False),
+        "resident": caps.get("resident", True),
+        "service_adapters": adapters,
+        "backends": {d: True for d in spec.devices} | {"cpu-stub": "cpu" in spec.devices},
+        "available": reason is None,
+        "reason": reason or "",
+        "capabilities": caps,
+    }
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """``omnistream models``: the registry, tier-filtered; one model's manifest by id."""
+    from omnistream.models.catalog import build_registry
+    from omnistream.settings import Settings
+
+    settings = Settings(**({"model_tiers": args.tier} if args.tier else {}))
+    registry = build_registry(settings)
+    specs = registry.specs()
+    if args.model_id:
+        spec = registry.get(args.model_id)
+        if spec is None:
+            print(
+                f"unknown model '{args.model_id}'; known: {', '.join(s.id for s in specs)}",
+                file=sys.stderr,
+            )
+            return 1
+        if not registry.allowed(spec):
+            print(
+                f"model '{args.model_id}' is tier '{spec.tier}', "
+                f"outside {', '.join(args.tier or [])}",
+                file=sys.stderr,
+            )
+            return 1
+        specs = [spec]
+    if args.manifest or args.json or args.model_id:
+        data = [manifest(s) for s in specs]
+        payload: Any = data[0] if args.model_id else {"models": data}
+        if not args.manifest and not args.model_id:
+            payload = {
+                "models": [
+                    {k: d[k] for k in ("id", "tasks", "tier", "available", "reason")} for d in data
+                ]
+            }
+        print(json.dumps(payload, indent=2, default=str))
+        return 0
+    rows = [("ID", "TASKS", "TIER", "MATURITY", "AVAILABLE")]
+    for s in specs:
+        reason = s.unavailable_reason()
+        rows.append(
+            (
+                s.id,
+                ",".join(s.tasks),
+                str(s.tier),
+                s.maturity,
+                "yes" if reason is None else f"no: {reason}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
+    return 0
+
+
+# -- profile ---------------------------------------------------------------------------------
+
+
+def cmd_profile_validate(args: argparse.Namespace) -> int:
+    """``omnistream profile validate``: every error as ``file:line:column: message``."""
+    from omnistream.jobs.profile import validate_profile
+    from omnistream.models.catalog import build_registry
+    from omnistream.settings import Settings
+
+    errors: list[SourceError]
+    try:
+        doc = SourceDocument.read(args.path)
+    except yaml.YAMLError as exc:
+        errors = [parse_error(exc, args.path)]
+    except OSError as exc:
+        print(f"{args.path}: {exc}", file=sys.stderr)
+        return 1
+    else:
+        known = {s.id for s in build_registry(Settings()).specs(include_disallowed=True)}
+        errors = validate_profile(doc, known)
+    if errors:
+        for error in errors:
+            print(error, file=sys.stderr)
+        return 1
+    print(f"{args.path}: ok")
+    return 0

@@ -1,0 +1,292 @@
+"""The job service: resolves a request's model, prepares inputs, runs one-shot sessions.
+
+One instance per app, created lazily in ``AppState.extras`` by the first route that needs
+it. It owns the job store, the artifacts directory and the avatar reference cache, and
+registers a shutdown hook that cancels running jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from omnistream.engine.devices import pick_device
+from omnistream.engine.registry import ModelSpec
+from omnistream.jobs.artifacts import ArtifactStore
+from omnistream.jobs.errors import GenerateError, JobCancelled
+from omnistream.jobs.inputs import InputLimits, Upload
+from omnistream.jobs.runtime import WORKER_ID, RunContext, peak_rss_bytes
+from omnistream.jobs.schemas import (
+    TASKS,
+    Artifact,
+    GenerateRequest,
+    GenerateResult,
+    JobError,
+    RunReport,
+)
+from omnistream.jobs.store import Job, JobStore, now_ms
+from omnistream.jobs.tasks import TASK_IMPLS, Prepared, ReferenceCache
+from omnistream.transports.state import AppState, ModelAccessError
+
+log = logging.getLogger(__name__)
+
+EXTRAS_KEY = "jobs.service"
+CANCEL_WAIT_S = 10.0
+
+
+class JobService:
+    """Offline generation for one server."""
+
+    def __init__(self, state: AppState) -> None:
+        settings = state.settings
+        self.state = state
+        self.store = JobStore(
+            max_jobs=settings.max_jobs,
+            ttl_s=settings.job_ttl_s,
+            max_running=settings.max_running_jobs,
+            max_queued=settings.max_queued_jobs,
+        )
+        self.artifacts = ArtifactStore(
+            settings.artifacts_dir,
+            max_files=settings.artifacts_max_files,
+            ttl_s=settings.artifacts_ttl_s,
+        )
+        self.limits = InputLimits(
+            max_upload_bytes=settings.max_upload_bytes,
+            max_audio_s=settings.max_input_audio_s,
+            max_image_bytes=settings.max_image_bytes,
+            max_image_pixels=settings.max_image_pixels,
+            max_text_chars=settings.max_text_chars,
+            roots=[Path(r) for r in settings.input_roots],
+            artifacts_dir=self.artifacts.directory,
+        )
+        self.references = ReferenceCache()
+        self.base_url = ""
+        self._dir_ready = False
+
+    @classmethod
+    def of(cls, state: AppState) -> JobService:
+        """The app's job service, created on first use."""
+        service = state.extras.get(EXTRAS_KEY)
+        if service is None:
+            service = cls(state)
+            state.extras[EXTRAS_KEY] = service
+            state.extras.setdefault("shutdown_hooks", []).append(service.aclose)
+        assert isinstance(service, JobService)
+        return service
+
+    async def aclose(self) -> None:
+        """Cancel running jobs (server shutdown)."""
+        await self.store.aclose()
+
+    # -- resolving -------------------------------------------------------------------
+
+    def available_tasks(self) -> list[str]:
+        """Tasks this server can run: implemented here and served by an allowed model."""
+        return [t for t in TASKS if t in TASK_IMPLS and self.state.registry.specs(t)]
+
+    def resolve(self, request: GenerateRequest) -> ModelSpec:
+        """The model a request runs on, tier policy applied.
+
+        Raises:
+            GenerateError: 400 task not available or model unknown (listing what exists),
+                403 model outside the allowed tiers, 503 model unavailable here.
+        """
+        task = request.task
+        available = self.available_tasks()
+        if task not in available:
+            raise GenerateError(
+                400,
+                "task_not_available",
+                f"Task '{task}' is not available on this server. Available tasks: "
+                f"{', '.join(available) or 'none'}.",
+            )
+        model_id = request.model
+        if not model_id:
+            setting = TASK_IMPLS[task].default_model_setting
+            preferred = getattr(self.state.settings, setting, None) if setting else None
+            candidates = self.state.registry.specs(task)
+            usable = [s for s in candidates if s.unavailable_reason() is None]
+            chosen = next((s for s in usable if s.id == preferred), None) or (
+                usable[0] if usable else candidates[0]
+            )
+            model_id = chosen.id
+        try:
+            return self.state.resolve_model(model_id, task)
+        except ModelAccessError as exc:
+            status = 400 if exc.status == 404 else exc.status
+            raise GenerateError(status, exc.code, exc.message) from exc
+
+    async def prepare(
+        self, request: GenerateRequest, spec: ModelSpec, uploads: dict[str, Upload]
+    ) -> tuple[Prepared, float]:
+        """Decode and check the inputs in a worker thread; returns them and the time taken."""
+        try:
+            pick_device(request.backend, spec.devices)
+        except ValueError as exc:
+            raise GenerateError(400, "invalid_backend", str(exc)) from exc
+        impl = TASK_IMPLS[request.task]
+        started = time.perf_counter()
+        prepared = await asyncio.to_thread(impl.prepare, request, uploads, self.limits, spec)
+        return prepared, (time.perf_counter() - started) * 1000.0
+
+    # -- running ----------------------------------------------------------------------
+
+    async def submit(
+        self, request: GenerateRequest, uploads: dict[str, Upload] | None = None, *, mode: str
+    ) -> Job:
+        """Check, prepare and enqueue a run; returns its job at once (state ``queued``)."""
+        spec = self.resolve(request)
+        prepared, inputs_ms = await self.prepare(request, spec, uploads or {})
+        if not self._dir_ready:
+            await asyncio.to_thread(self.artifacts.ensure_dir)
+            self._dir_ready = True
+        job = self.store.add(request, spec.id, mode=mode)
+        job.task = asyncio.create_task(self._run(job, spec, prepared, inputs_ms), name=job.id)
+        return job
+
+    async def run_sync(
+        self, request: GenerateRequest, uploads: dict[str, Upload] | None = None
+    ) -> Job:
+        """Submit and wait for the end without blocking the loop."""
+        job = await self.submit(request, uploads, mode="sync")
+        await job.done.wait()
+        return job
+
+    async def cancel(self, job: Job) -> Job:
+        """Stop a queued or running job (at its next step) and wait for it to stop.
+
+        Raises:
+            GenerateError: 409 when the job has already finished.
+        """
+        if job.terminal:
+            raise GenerateError(
+                409,
+                "job_finished",
+                f"Job {job.id} already finished ({job.state}); nothing to cancel.",
+            )
+        job.request_cancel()
+        if job.state == "queued":
+            self._finish_cancelled(job, "cancelled before it started")
+            if job.task is not None:
+                job.task.cancel()
+            return job
+        try:
+            await asyncio.wait_for(asyncio.shield(job.done.wait()), CANCEL_WAIT_S)
+        except TimeoutError:
+            log.warning("job %s did not stop within %.0fs of its cancel", job.id, CANCEL_WAIT_S)
+        return job
+
+    def _finish_cancelled(self, job: Job, message: str) -> None:
+        if job.terminal:
+            return
+        job.finish("cancelled", error=JobError(code="job_cancelled", message=message))
+        job.emit("job_cancelled", message=message)
+
+    async def _run(self, job: Job, spec: ModelSpec, prepared: Prepared, inputs_ms: float) -> None:
+        try:
+            async with self.store.slots:
+                if job.terminal:
+                    return
+                await self._run_started(job, spec, prepared, inputs_ms)
+        except asyncio.CancelledError:
+            self._finish_cancelled(job, "cancelled")
+
+    async def _run_started(
+        self, job: Job, spec: ModelSpec, prepared: Prepared, inputs_ms: float
+    ) -> None:
+        request = job.request
+        job.state = "running"
+        job.started_at_ms = now_ms()
+        queued_ms = job.started_at_ms - job.enqueued_at_ms
+        ctx: RunContext | None = None
+        try:
+            device = pick_device(request.backend, spec.devices)
+            runner = self.state.engine.runner(spec.id, request.backend)
+            ctx = RunContext(job, spec, runner, device, self.artifacts, self)
+            ctx.emit("job_started", model=spec.id, device=device)
+            ctx.add_time("inputs", inputs_ms)
+            ctx.add_time("job_queue", queued_ms)
+            started = time.perf_counter()
+            outputs = await TASK_IMPLS[request.task].run(ctx, prepared)
+            ctx.check()
+            await asyncio.to_thread(self._commit_all, ctx, outputs)
+            ctx.add_time("total", (time.perf_counter() - started) * 1000.0)
+            ctx.end_root("ok")
+            job.result = GenerateResult(outputs=outputs, metadata=self._report(ctx, job, None))
+            job.finish("succeeded")
+            job.emit("job_finished", outputs=len(outputs))
+        except (JobCancelled, asyncio.CancelledError):
+            if ctx is not None:
+                ctx.end_root("cancelled")
+                await asyncio.to_thread(self._discard_all, ctx)
+            self._finish_cancelled(job, "cancelled by request")
+        except GenerateError as exc:
+            self._fail(job, ctx, exc.code, exc.message)
+        except Exception as exc:
+            log.exception("job %s failed", job.id)
+            self._fail(job, ctx, "runtime_error", f"{type(exc).__name__}: {exc}")
+
+    def _fail(self, job: Job, ctx: RunContext | None, code: str, message: str) -> None:
+        if ctx is not None:
+            ctx.end_root("error")
+            for reservation in ctx.reservations:
+                self.artifacts.discard(reservation)
+            job.result = None
+            report = self._report(ctx, job, message)
+            job.finish("failed", error=JobError(code=code, message=message))
+            job.emit(
+                "job_failed", code=code, message=message, report=report.model_dump(mode="json")
+            )
+        else:
+            job.finish("failed", error=JobError(code=code, message=message))
+            job.emit("job_failed", code=code, message=message)
+
+    def _commit_all(self, ctx: RunContext, outputs: list[Artifact]) -> None:
+        by_id = {r.id: r for r in ctx.reservations}
+        for artifact in outputs:
+            reservation = by_id.get(artifact.id or "")
+            if reservation is None:
+                continue
+            artifact.bytes = self.artifacts.commit(reservation)
+            artifact.path = str(reservation.final_path)
+            artifact.url = f"{self.base_url}/v1/files/{reservation.id}"
+
+    def _discard_all(self, ctx: RunContext) -> None:
+        for reservation in ctx.reservations:
+            self.artifacts.discard(reservation)
+
+    def _report(self, ctx: RunContext, job: Job, error: str | None) -> RunReport:
+        return RunReport(
+            run_id=ctx.run_id,
+            task=job.request.task,
+            model=ctx.spec.id,
+            backend=job.request.backend,
+            job_id=job.id,
+            trace_id=job.trace_id,
+            worker_id=WORKER_ID,
+            execution_mode="async"
+            if job.mode == "async"
+            else ("cli" if job.mode == "cli" else "sync"),
+            timings=dict(ctx.timings),
+            memory={"peak_bytes": peak_rss_bytes()},
+            cache_hits=list(ctx.cache_hits),
+            device_placement=dict(ctx.device_placement),
+            batch_size=max(1, ctx.max_batch_size),
+            stream_events=list(ctx.stream_events),
+            error=error,
+            steps=ctx.steps,
+            priority="offline",
+            **{k: v for k, v in ctx.extra.items() if k not in RunReport.model_fields},
+        )
+
+
+def job_service(state: AppState) -> JobService:
+    """Shorthand for :meth:`JobService.of`."""
+    return JobService.of(state)
+
+
+__all__ = ["EXTRAS_KEY", "Any", "JobService", "job_service"]

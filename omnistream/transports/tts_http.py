@@ -1,0 +1,585 @@
+"""HTTP edges of streaming TTS: text2audio (PROTOCOLS §4) and OpenAI ``/v1/audio/speech``.
+
+Every route translates its request into one :class:`~omnistream.sessions.tts.TtsStream`
+on the voice model's shared runner and streams the stream's chunks as the HTTP body while
+they are synthesised. The first bytes leave after the first clause is synthesised, not
+after the whole text.
+
+A client that disconnects is noticed by a watcher on the ASGI ``receive`` channel (and by
+a failing ``send``), which cancels the stream at once: nothing keeps synthesising for a
+body nobody reads.
+
+Errors are OpenAI-shaped (``{"error": {"message", "type", "code"}}``) on every TTS route,
+with stable codes (``text_required``, ``input_too_long``, ``invalid_voice``,
+``unsupported_format``, ``unsupported_sample_rate``, ``invalid_json``…).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from omnistream.codecs.audio_container import (
+    CONTENT_TYPES,
+    StreamingAudioEncoder,
+    encode_all,
+    wav_header,
+)
+from omnistream.engine.registry import ModelSpec
+from omnistream.engine.runner import Priority
+from omnistream.models.tts import TASK, default_voice, sample_rate, voice_catalog
+from omnistream.sessions.manager import CapacityExceeded
+from omnistream.sessions.tts import SynthesisFailed, TtsStream
+from omnistream.transports.state import AppState, ModelAccessError, get_state
+
+router = APIRouter()
+
+ADAPTER_SCHEMA = "text2audio.service.v1"
+SAMPLE_RATES = (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000)
+TEXT2AUDIO_FORMATS = ("pcm_s16le", "wav")
+OPENAI_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
+OPENAI_STREAM_FORMATS = ("audio", "sse")
+OPENAI_RATE = 24000
+SPEED_RANGE = (0.25, 4.0)
+#: OpenAI's voice names: drop-in clients send them; they mean the model's default voice.
+OPENAI_VOICES = frozenset(
+    "alloy ash ballad coral echo fable onyx nova sage shimmer verse marin cedar".split()
+)
+RECENT_STREAMS = 128
+MODEL_LOAD_TIMEOUT_S = 120.0
+
+
+class TtsRequestError(Exception):
+    """A request the TTS routes refuse, with its HTTP status and stable code."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.type = type_
+        self.headers = headers or {}
+
+    def payload(self) -> dict[str, Any]:
+        """The OpenAI-shaped error body."""
+        return {"error": {"message": self.message, "type": self.type, "code": self.code}}
+
+
+def error_response(state: AppState, route: str, exc: TtsRequestError) -> JSONResponse:
+    """JSON error reply, counted in ``omnistream_protocol_errors_total``."""
+    state.metrics.protocol_errors.labels(route, exc.code).inc()
+    return JSONResponse(exc.payload(), status_code=exc.status, headers=exc.headers)
+
+
+# -- request parsing shared with the WebSocket route -----------------------------------
+
+
+def resolve_tts_model(state: AppState, model: str | None) -> ModelSpec:
+    """The voice model a request names (aliases and empty mean the default), tier-checked."""
+    model_id = (model or "").strip() or state.settings.tts_model
+    if model_id in state.settings.tts_model_aliases:
+        model_id = state.settings.tts_model
+    try:
+        return state.resolve_model(model_id, TASK)
+    except ModelAccessError as exc:
+        raise TtsRequestError(exc.status, exc.code, exc.message) from exc
+
+
+def resolve_voice(spec: ModelSpec, voice: str | None, *, openai_names: bool = False) -> str:
+    """A voice id the model declared; empty means its default."""
+    voices = [v.id for v in voice_catalog(spec)]
+    wanted = (voice or "").strip()
+    if not wanted or (openai_names and wanted.lower() in OPENAI_VOICES):
+        return default_voice(spec)
+    if wanted in voices:
+        return wanted
+    if wanted.lower() in voices:
+        return wanted.lower()
+    shown = ", ".join(voices[:20]) + (" …" if len(voices) > 20 else "")
+    raise TtsRequestError(
+        400, "invalid_voice", f"Voice '{wanted}' is not available for model '{spec.id}'. "
+        f"Available: {shown}"
+    )
+
+
+def check_text(state: AppState, text: Any, field_name: str) -> str:
+    """Non-empty text within ``settings.max_text_chars``."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        raise TtsRequestError(400, "text_required", f"{field_name} is required")
+    if not isinstance(text, str):
+        raise TtsRequestError(400, "invalid_type", f"{field_name} must be a string")
+    limit = state.settings.max_text_chars
+    if len(text) > limit:
+        raise TtsRequestError(
+            400,
+            "input_too_long",
+            f"{field_name} is {len(text)} characters; the limit is {limit}.",
+        )
+    return text
+
+
+def check_sample_rate(value: Any, default: int) -> int:
+    """A supported output rate (``None`` means ``default``)."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value not in SAMPLE_RATES:
+        allowed = ", ".join(str(r) for r in SAMPLE_RATES)
+        raise TtsRequestError(
+            400,
+            "unsupported_sample_rate",
+            f"sample_rate {value!r} is not supported; use one of {allowed}",
+        )
+    return value
+
+
+def check_speed(value: Any) -> float:
+    """A speaking rate in the OpenAI range 0.25–4.0 (``None`` means 1.0)."""
+    if value is None:
+        return 1.0
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TtsRequestError(400, "invalid_speed", "speed must be a number")
+    low, high = SPEED_RANGE
+    if not low <= float(value) <= high:
+        raise TtsRequestError(400, "invalid_speed", f"speed must be between {low} and {high}")
+    return float(value)
+
+
+def check_choice(value: Any, allowed: tuple[str, ...], name: str, code: str) -> str:
+    """One of a fixed set of strings."""
+    if value not in allowed:
+        raise TtsRequestError(
+            400, code, f"{name} {value!r} is not supported; use one of {', '.join(allowed)}"
+        )
+    return str(value)
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 ``invalid_json``."""
+    body = await request.body()
+    try:
+        value = json.loads(body or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise TtsRequestError(
+            400, "invalid_json", f"request body is not valid JSON: {exc}"
+        ) from exc
+    if not isinstance(value, dict):
+        raise TtsRequestError(400, "invalid_json", "request body must be a JSON object")
+    return value
+
+
+# -- streams ---------------------------------------------------------------------------
+
+
+@dataclass
+class OpenStream:
+    """A stream admitted on the server, with the spec it runs on."""
+
+    stream: TtsStream
+    spec: ModelSpec
+
+
+def recent_streams(state: AppState) -> deque[TtsStream]:
+    """The last streams this server ran (newest last): what tests and debugging inspect."""
+    recent: deque[TtsStream] = state.extras.setdefault(
+        "tts_streams", deque(maxlen=RECENT_STREAMS)
+    )
+    return recent
+
+
+def find_stream(state: AppState, stream_id: str) -> TtsStream | None:
+    """A recent stream by id."""
+    return next((s for s in recent_streams(state) if s.id == stream_id), None)
+
+
+async def open_stream(
+    state: AppState,
+    spec: ModelSpec,
+    *,
+    voice: str,
+    out_rate: int,
+    speed: float = 1.0,
+    priority: Priority = Priority.REALTIME,
+) -> TtsStream:
+    """Start the model's runner if needed, admit a stream and return it (not yet fed).
+
+    Raises:
+        TtsRequestError: 503 when the model fails to load, 429 when the server is full.
+    """
+    try:
+        runner = state.engine.runner(spec.id)
+        await runner.wait_ready(timeout=MODEL_LOAD_TIMEOUT_S)
+    except Exception as exc:
+        raise TtsRequestError(
+            503, "model_unavailable", f"Model '{spec.id}' could not be loaded: {exc}",
+            type_="server_error",
+        ) from exc
+    settings = state.settings
+    stream = TtsStream(
+        runner,
+        model_id=spec.id,
+        voice=voice,
+        native_rate=sample_rate(spec),
+        out_rate=out_rate,
+        speed=speed,
+        priority=priority,
+        chunk_ms=settings.tts_chunk_ms,
+        buffer_ms=settings.tts_buffer_ms,
+        metrics=state.metrics,
+        max_pending_chars=settings.max_text_chars,
+        first_words=settings.tts_first_segment_words,
+    )
+    try:
+        state.sessions.admit(stream)
+    except CapacityExceeded as exc:
+        raise TtsRequestError(
+            429,
+            "capacity_exceeded",
+            str(exc),
+            type_="server_error",
+            headers={"Retry-After": str(exc.retry_after_s)},
+        ) from exc
+    recent_streams(state).append(stream)
+    return stream
+
+
+async def close_stream(state: AppState, stream: TtsStream, reason: str) -> None:
+    """Stop a stream (no-op when it finished) and release its admission."""
+    await stream.aclose(reason)
+    state.sessions.release(stream)
+
+
+class _AudioStreamResponse(StreamingResponse):
+    """A streamed body that cancels its TTS stream the moment the client leaves.
+
+    Starlette notices a lost client only when a ``send`` fails; a watcher on ``receive``
+    for ``http.disconnect`` also catches it while the body waits for audio, and the
+    ``on_close`` hook runs however the response ends (finished, disconnected, error).
+    """
+
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        *,
+        on_close: Callable[[bool], Awaitable[None]],
+        headers: dict[str, str],
+        media_type: str,
+    ) -> None:
+        super().__init__(content, headers=headers, media_type=media_type)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        completed = False
+
+        async def watch_disconnect() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+
+        sender = asyncio.create_task(self.stream_response(send))
+        watcher = asyncio.create_task(watch_disconnect())
+        try:
+            done, _ = await asyncio.wait({sender, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if sender in done:
+                exc = sender.exception()
+                if exc is None:
+                    completed = True
+                elif not isinstance(exc, OSError):
+                    raise exc
+        finally:
+            for task in (sender, watcher):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()
+            await self._on_close(completed)
+
+
+def _stream_headers(stream: TtsStream, spec: ModelSpec, rate: int) -> dict[str, str]:
+    return {
+        "x-audio-sample-rate": str(rate),
+        "x-omnirt-adapter-schema": ADAPTER_SCHEMA,
+        "x-omnirt-model": spec.id,
+        "x-omnistream-stream-id": stream.id,
+        "x-omnistream-voice": stream.voice,
+        "cache-control": "no-store",
+    }
+
+
+def _audio_response(
+    state: AppState,
+    stream: TtsStream,
+    body: AsyncIterator[bytes],
+    headers: dict[str, str],
+    media_type: str,
+) -> _AudioStreamResponse:
+    async def on_close(completed: bool) -> None:
+        await close_stream(state, stream, "completed" if completed else "client disconnected")
+
+    return _AudioStreamResponse(body, on_close=on_close, headers=headers, media_type=media_type)
+
+
+# -- text2audio (PROTOCOLS §4) ---------------------------------------------------------
+
+
+@router.post("/v1/text2audio/stream")
+async def text2audio_stream(request: Request) -> Response:
+    """Stream speech for ``text`` as raw s16le (or a streamed WAV)."""
+    return await _text2audio(request, None)
+
+
+@router.post("/v1/text2audio/warmup")
+async def text2audio_warmup(request: Request) -> Response:
+    """Load voice models and synthesise a short phrase so the first client pays nothing.
+
+    Body (optional): ``{"model": id}`` or ``{"models": [ids]}``; default: the default model.
+    """
+    state = get_state(request)
+    try:
+        body = await read_json(request) if await request.body() else {}
+        wanted = body.get("models") or [body.get("model")]
+        if not isinstance(wanted, list):
+            raise TtsRequestError(400, "invalid_type", "models must be a list of model ids")
+        results = []
+        for model in wanted:
+            spec = resolve_tts_model(state, model)
+            started = time.monotonic()
+            stream = await open_stream(
+                state, spec, voice=default_voice(spec), out_rate=sample_rate(spec)
+            )
+            load_ms = (time.monotonic() - started) * 1000.0
+            try:
+                stream.say("Warm up.")
+                async for _ in stream.audio():
+                    pass
+            finally:
+                await close_stream(state, stream, "warmup")
+            results.append(
+                {
+                    "model": spec.id,
+                    "ready": True,
+                    "load_ms": round(load_ms, 1),
+                    "first_audio_ms": stream.first_audio_ms,
+                    "replicas": state.engine.runner(spec.id).replicas,
+                }
+            )
+    except TtsRequestError as exc:
+        return error_response(state, "text2audio.warmup", exc)
+    return JSONResponse({"status": "ok", "models": results})
+
+
+@router.get("/v1/text2audio/models")
+async def text2audio_models(request: Request) -> dict[str, Any]:
+    """Every voice model with its status, voices, rate and streaming granularity."""
+    state = get_state(request)
+    statuses = []
+    usable = []
+    for spec in state.registry.specs(TASK, include_disallowed=True):
+        reason = spec.unavailable_reason()
+        allowed = state.registry.allowed(spec)
+        if not allowed:
+            reason = reason or f"tier '{spec.tier}' is not allowed on this server"
+        ok = reason is None
+        if ok:
+            usable.append(spec.id)
+        caps = spec.capabilities
+        statuses.append(
+            {
+                "id": spec.id,
+                "connected": ok,
+                "available": ok,
+                "reason": reason or "",
+                "tier": str(spec.tier),
+                "loaded": state.engine.loaded(spec.id),
+                "summary": spec.summary,
+                "sample_rate": caps.get("sample_rate"),
+                "default_voice": caps.get("default_voice"),
+                "voices": caps.get("voices", []),
+                "languages": caps.get("languages", []),
+                "streaming": caps.get("streaming"),
+                "streaming_granularity": caps.get("streaming_granularity"),
+                "license": caps.get("license"),
+            }
+        )
+    return {
+        "models": usable,
+        "default": state.settings.tts_model,
+        "audio_formats": list(TEXT2AUDIO_FORMATS),
+        "sample_rates": list(SAMPLE_RATES),
+        "statuses": statuses,
+    }
+
+
+@router.post("/v1/text2audio/{model}")
+async def text2audio_model(request: Request, model: str) -> Response:
+    """Like ``/v1/text2audio/stream`` with the model named in the path."""
+    return await _text2audio(request, model)
+
+
+async def _text2audio(request: Request, path_model: str | None) -> Response:
+    state = get_state(request)
+    route = "text2audio"
+    try:
+        body = await read_json(request)
+        spec = resolve_tts_model(state, path_model or body.get("model"))
+        text = check_text(state, body.get("text"), "text")
+        voice = resolve_voice(spec, body.get("voice") or body.get("speaker_profile"))
+        if body.get("prompt_audio") or body.get("reference_text"):
+            raise TtsRequestError(
+                400,
+                "unsupported_feature",
+                f"Model '{spec.id}' does not clone voices (prompt_audio/reference_text); "
+                "pick one of its voices instead.",
+            )
+        audio_format = check_choice(
+            body.get("audio_format") or "pcm_s16le", TEXT2AUDIO_FORMATS, "audio_format",
+            "unsupported_format",
+        )
+        rate = check_sample_rate(body.get("sample_rate"), sample_rate(spec))
+        config = body.get("config") or {}
+        if not isinstance(config, dict):
+            raise TtsRequestError(400, "invalid_type", "config must be an object")
+        speed = check_speed(config.get("speed", body.get("speed")))
+        streaming = body.get("stream", True) is not False
+        stream = await open_stream(state, spec, voice=voice, out_rate=rate, speed=speed)
+    except TtsRequestError as exc:
+        return error_response(state, route, exc)
+
+    headers = _stream_headers(stream, spec, rate)
+    media_type = f"audio/L16; rate={rate}; channels=1" if audio_format == "pcm_s16le" else (
+        "audio/wav"
+    )
+    stream.say(text)
+    if not streaming:
+        try:
+            pcm = b"".join([chunk async for chunk in stream.audio()])
+        except SynthesisFailed as exc:
+            failure = TtsRequestError(500, "synthesis_failed", str(exc), type_="server_error")
+            return error_response(state, route, failure)
+        finally:
+            await close_stream(state, stream, "completed")
+        content = encode_all(pcm, "wav", rate) if audio_format == "wav" else pcm
+        return Response(content, headers=headers, media_type=media_type)
+
+    async def body_iter() -> AsyncIterator[bytes]:
+        if audio_format == "wav":
+            yield wav_header(rate)
+        async for chunk in stream.audio():
+            yield chunk
+
+    return _audio_response(state, stream, body_iter(), headers, media_type)
+
+
+# -- OpenAI ----------------------------------------------------------------------------
+
+
+@router.get("/v1/models/tts")
+async def tts_voices(request: Request) -> dict[str, Any]:
+    """Voice discovery: every usable TTS model with its voices and native rate."""
+    state = get_state(request)
+    data = []
+    for spec in state.registry.specs(TASK):
+        if spec.unavailable_reason() is not None:
+            continue
+        data.append(
+            {
+                "id": spec.id,
+                "object": "model",
+                "owned_by": spec.owned_by,
+                "voices": [v.id for v in voice_catalog(spec)],
+                "default_voice": default_voice(spec),
+                "sample_rate": sample_rate(spec),
+            }
+        )
+    return {"object": "list", "data": data}
+
+
+@router.post("/v1/audio/speech")
+async def openai_speech(request: Request) -> Response:
+    """OpenAI-compatible speech: every ``response_format``, ``speed``, SSE streaming."""
+    state = get_state(request)
+    route = "audio.speech"
+    try:
+        body = await read_json(request)
+        spec = resolve_tts_model(state, body.get("model"))
+        text = check_text(state, body.get("input"), "input")
+        voice = resolve_voice(spec, body.get("voice"), openai_names=True)
+        fmt = check_choice(
+            body.get("response_format") or "mp3", OPENAI_FORMATS, "response_format",
+            "unsupported_format",
+        )
+        stream_format = check_choice(
+            body.get("stream_format") or "audio", OPENAI_STREAM_FORMATS, "stream_format",
+            "unsupported_format",
+        )
+        speed = check_speed(body.get("speed"))
+        stream = await open_stream(state, spec, voice=voice, out_rate=OPENAI_RATE, speed=speed)
+    except TtsRequestError as exc:
+        return error_response(state, route, exc)
+
+    encoder = StreamingAudioEncoder(fmt, OPENAI_RATE)
+    headers = _stream_headers(stream, spec, encoder.output_rate)
+    stream.say(text)
+
+    async def encoded() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in stream.audio():
+                data = encoder.encode(chunk)
+                if data:
+                    yield data
+            tail = encoder.flush()
+            if tail:
+                yield tail
+        finally:
+            encoder.close()
+
+    if stream_format == "audio":
+        return _audio_response(state, stream, encoded(), headers, CONTENT_TYPES[fmt])
+
+    async def sse() -> AsyncIterator[bytes]:
+        try:
+            async for data in encoded():
+                delta = {"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}
+                yield f"data: {json.dumps(delta)}\n\n".encode()
+        except SynthesisFailed as exc:
+            payload: dict[str, Any] = {
+                "type": "error",
+                "error": {"message": str(exc), "code": "synthesis_failed"},
+            }
+            yield f"data: {json.dumps(payload)}\n\n".encode()
+            return
+        tokens = max(1, len(text) // 4)
+        done = {
+            "type": "speech.audio.done",
+            "usage": {
+                "input_tokens": tokens,
+                "output_tokens": 0,
+                "total_tokens": tokens,
+                "audio_seconds": round(stream.audio_s, 3),
+            },
+        }
+        yield f"data: {json.dumps(done)}\n\n".encode()
+
+    return _audio_response(state, stream, sse(), headers, "text/event-stream")

@@ -1,0 +1,109 @@
+"""Shared WebSocket plumbing: bounded receive, timed sends, JSON parsing, model checks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.responses import JSONResponse
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from omnistream.transports.state import AppState, ModelAccessError
+
+
+class ClientGone(Exception):
+    """The peer disconnected or stopped reading; the handler should clean up and return."""
+
+
+@dataclass
+class Incoming:
+    """One client message: exactly one of ``text`` / ``data`` is set."""
+
+    text: str | None = None
+    data: bytes | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.text.encode()) if self.text is not None else len(self.data or b"")
+
+
+async def receive(ws: WebSocket) -> Incoming:
+    """Next message from the client.
+
+    Raises:
+        ClientGone: the socket closed.
+    """
+    try:
+        message = await ws.receive()
+    except (WebSocketDisconnect, RuntimeError) as exc:
+        raise ClientGone() from exc
+    if message["type"] == "websocket.disconnect":
+        raise ClientGone()
+    if message.get("bytes") is not None:
+        return Incoming(data=message["bytes"])
+    return Incoming(text=message.get("text") or "")
+
+
+async def send_json(ws: WebSocket, payload: dict[str, Any], timeout: float) -> None:
+    """Send a JSON text frame; a client that does not take it within ``timeout`` is gone."""
+    await _send(ws, {"type": "websocket.send", "text": json.dumps(payload)}, timeout)
+
+
+async def send_bytes(ws: WebSocket, data: bytes, timeout: float) -> None:
+    """Send a binary frame with the same timeout rule as :func:`send_json`."""
+    await _send(ws, {"type": "websocket.send", "bytes": data}, timeout)
+
+
+async def _send(ws: WebSocket, message: dict[str, Any], timeout: float) -> None:
+    if ws.application_state != WebSocketState.CONNECTED:
+        raise ClientGone()
+    try:
+        await asyncio.wait_for(ws.send(message), timeout)
+    except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError) as exc:
+        raise ClientGone() from exc
+
+
+def parse_json(text: str) -> dict[str, Any] | None:
+    """The JSON object in a text frame, or ``None`` when it is not JSON at all."""
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else {"type": value}
+
+
+async def deny_unless_allowed(
+    ws: WebSocket, state: AppState, model_id: str, task: str
+) -> bool:
+    """Refuse the handshake with the HTTP status of the model check (404/403/503).
+
+    Returns True when the model may be used and the caller should accept the socket.
+    """
+    try:
+        state.resolve_model(model_id, task)
+    except ModelAccessError as exc:
+        body = {"error": {"message": exc.message, "type": "invalid_request_error", "code": exc.code}}
+        try:
+            await ws.send_denial_response(JSONResponse(body, status_code=exc.status))
+        except RuntimeError:  # server without the denial extension: plain 403
+            await ws.close(code=1008)
+        return False
+    return True
+
+
+CLOSE_TIMEOUT_S = 1.0
+
+
+async def close_quietly(ws: WebSocket, code: int = 1000) -> None:
+    """Close the socket if it is still open, ignoring a peer that already left.
+
+    A peer that stopped reading would block the close frame forever; after a short wait
+    the handler simply returns and the server tears the connection down itself.
+    """
+    if ws.application_state == WebSocketState.CONNECTED:
+        try:
+            await asyncio.wait_for(ws.close(code), CLOSE_TIMEOUT_S)
+        except (TimeoutError, RuntimeError, OSError):
+            pass
