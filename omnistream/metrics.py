@@ -102,7 +102,9 @@ class Metrics:
             registry=r,
         )
         self.tts_audio_seconds = Counter(
-            "omnistream_tts_audio_seconds_total", "Seconds of speech synthesised", ["model"],
+            "omnistream_tts_audio_seconds_total",
+            "Seconds of speech synthesised",
+            ["model"],
             registry=r,
         )
         # WebRTC avatar sessions (omnistream.transports.webrtc)

@@ -38,7 +38,11 @@ class RawClient:
             header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
         else:
             header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
-        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload)) if n < 4096 else _mask(payload, mask)
+        masked = (
+            bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+            if n < 4096
+            else _mask(payload, mask)
+        )
         self.sock.sendall(header + mask + masked)
 
     def send_text(self, text: str) -> None:

@@ -117,7 +117,9 @@ async def test_mouth_moves_with_speech_and_rest_stays(server: RunningServer) -> 
     ref = quiet[0].astype(np.int16)
 
     def change(frames: list[np.ndarray], region: tuple[slice, slice]) -> float:
-        return float(np.mean([np.abs(f.astype(np.int16)[region] - ref[region]).mean() for f in frames]))
+        return float(
+            np.mean([np.abs(f.astype(np.int16)[region] - ref[region]).mean() for f in frames])
+        )
 
     speaking = change(loud, mouth)
     silent = change(quiet2[10:], mouth)
@@ -135,8 +137,9 @@ async def test_two_sessions_in_parallel_do_not_interfere(server: RunningServer) 
 
     async def run(image_b64: str, seed: int) -> list[np.ndarray]:
         async with await connect(server.ws + "/") as ws:
-            await ws.send(json.dumps({"type": "init", "ref_image": image_b64, "width": 320,
-                                      "height": 480}))
+            await ws.send(
+                json.dumps({"type": "init", "ref_image": image_b64, "width": 320, "height": 480})
+            )
             assert (await recv_json(ws))["type"] == "init_ok"
             out = []
             for i in range(3):
@@ -157,7 +160,9 @@ async def test_no_face_image_falls_back(server: RunningServer) -> None:
     buf = io.BytesIO()
     Image.fromarray(noise).save(buf, "PNG")
     async with await connect(server.ws + "/") as ws:
-        await ws.send(json.dumps({"type": "init", "ref_image": base64.b64encode(buf.getvalue()).decode()}))
+        await ws.send(
+            json.dumps({"type": "init", "ref_image": base64.b64encode(buf.getvalue()).decode()})
+        )
         reply = await recv_json(ws)
         assert reply["type"] == "init_ok"
         assert reply["face_detected"] is False
@@ -170,7 +175,10 @@ async def test_no_face_image_falls_back(server: RunningServer) -> None:
         ("not json", "Invalid JSON"),
         (json.dumps({"type": "dance"}), "Unknown message type: dance"),
         (json.dumps({"type": "init"}), "Missing 'ref_image' field."),
-        (json.dumps({"type": "init", "ref_image": "@@@not-base64@@@"}), "Invalid base64 in 'ref_image'."),
+        (
+            json.dumps({"type": "init", "ref_image": "@@@not-base64@@@"}),
+            "Invalid base64 in 'ref_image'.",
+        ),
         (
             json.dumps({"type": "init", "ref_image": base64.b64encode(b"not an image").decode()}),
             "Invalid base64 in 'ref_image'.",
@@ -225,9 +233,7 @@ async def test_config_update_and_second_init_replace_only_this_session(
 
 
 async def test_limits_flood_and_stalled_reader() -> None:
-    with run_server(
-        max_image_bytes=20_000, max_message_bytes=200_000, send_timeout_s=1.0
-    ) as srv:
+    with run_server(max_image_bytes=20_000, max_message_bytes=200_000, send_timeout_s=1.0) as srv:
         async with await connect(srv.ws + "/") as ws:
             await ws.send(json.dumps({"type": "init", "ref_image": ref_image_b64()}))
             reply = await recv_json(ws)

@@ -132,14 +132,9 @@ def test_openai_formats_decode_to_the_right_rate_and_length(
     server: RunningServer, fmt: str, rate: int
 ) -> None:
     with httpx.Client(base_url=server.http, timeout=60) as client:
-        pcm = client.post(
-            "/v1/audio/speech",
-            json={"model": "tts-1", "input": SHORT_TEXT, "voice": "alloy", "response_format": "pcm"},
-        )
-        encoded = client.post(
-            "/v1/audio/speech",
-            json={"model": "tts-1", "input": SHORT_TEXT, "voice": "alloy", "response_format": fmt},
-        )
+        request = {"model": "tts-1", "input": SHORT_TEXT, "voice": "alloy"}
+        pcm = client.post("/v1/audio/speech", json={**request, "response_format": "pcm"})
+        encoded = client.post("/v1/audio/speech", json={**request, "response_format": fmt})
     assert pcm.status_code == 200 and encoded.status_code == 200
     expected = len(pcm.content) / 2 / 24000
     decoded_rate, seconds = _decode(encoded.content)

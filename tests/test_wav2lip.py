@@ -366,6 +366,22 @@ def test_flashtalk_session_on_wav2lip_96(ckpt96: Path, tmp_path: Path) -> None:
         finally:
             await ws.close()
 
+        # The default avatar model (``serve --avatar-model wav2lip-96``) serves ``WS /``;
+        # a reference without a face falls back to a centred region instead of failing.
+        ws = await connect(ws_url + "/")
+        try:
+            await ws.send(json.dumps({"type": "init", "ref_image": _blank_png_b64(),
+                                      "width": 128, "height": 160, "slice_len": 2}))
+            reply = await recv_json(ws, timeout=60)
+            assert reply["type"] == "init_ok", reply
+            assert reply["model"] == "wav2lip-96" and reply["face_detected"] is False
+            await ws.send(b"AUDI" + speech_like(reply["chunk_samples"], seed=9))
+            message = await asyncio.wait_for(ws.recv(), 120)
+            assert isinstance(message, bytes)
+            assert [decode_jpeg(j).shape for j in decode_video(message)] == [(160, 128, 3)] * 2
+        finally:
+            await ws.close()
+
         # A broken checkpoint for another variant: init fails clearly, server keeps going.
         ws = await connect(ws_url + "/v1/audio2video/wav2lip-256")
         try:
@@ -382,7 +398,7 @@ def test_flashtalk_session_on_wav2lip_96(ckpt96: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken-256.pth"
     torch.save([1, 2, 3], broken)
     with run_server(wav2lip_96_path=str(ckpt96), wav2lip_256_path=str(broken),
-                    avatar_replicas=1) as srv:
+                    avatar_model="wav2lip-96") as srv:
         asyncio.run(scenario(srv.ws, srv.http))
 
 
@@ -390,3 +406,15 @@ def _png_b64() -> str:
     import base64
 
     return base64.b64encode(default_avatar_bytes()).decode()
+
+
+def _blank_png_b64() -> str:
+    import base64
+
+    import cv2
+
+    gradient = np.broadcast_to(np.linspace(40, 200, 200, dtype=np.uint8)[:, None, None],
+                               (200, 160, 3))
+    ok, png = cv2.imencode(".png", np.ascontiguousarray(gradient))
+    assert ok
+    return base64.b64encode(png.tobytes()).decode()

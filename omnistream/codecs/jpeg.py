@@ -85,7 +85,9 @@ class JpegEncoderPool:
         backend: str = "simplejpeg",
     ) -> None:
         if backend not in JPEG_BACKENDS:
-            raise ValueError(f"unknown JPEG backend {backend!r}; choose from {sorted(JPEG_BACKENDS)}")
+            raise ValueError(
+                f"unknown JPEG backend {backend!r}; choose from {sorted(JPEG_BACKENDS)}"
+            )
         self.threads = threads or max(1, os.cpu_count() or 1)
         self.quality = quality
         self.backend = backend

@@ -25,7 +25,7 @@ def s16le_to_float32(data: bytes | bytearray | memoryview) -> FloatAudio:
 def float32_to_s16le(samples: npt.NDArray[np.floating]) -> bytes:
     """Encode float samples as little-endian int16 PCM, clipping to the int16 range."""
     scaled = np.clip(np.asarray(samples, dtype=np.float32) * INT16_SCALE, -32768.0, 32767.0)
-    return np.rint(scaled).astype("<i2").tobytes()
+    return bytes(np.rint(scaled).astype("<i2").tobytes())
 
 
 def resample(samples: FloatAudio, from_rate: int, to_rate: int) -> FloatAudio:

@@ -96,7 +96,9 @@ class ModelRegistry:
         """Whether the server's tier policy lets clients use this model."""
         return spec.tier in self.allowed_tiers
 
-    def specs(self, task: str | None = None, *, include_disallowed: bool = False) -> list[ModelSpec]:
+    def specs(
+        self, task: str | None = None, *, include_disallowed: bool = False
+    ) -> list[ModelSpec]:
         """Specs in registration order, optionally for one task, tier policy applied."""
         return [
             s

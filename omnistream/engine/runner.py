@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 
+_ASK_MODEL: Any = object()
+
 
 class Priority(IntEnum):
     """Priority classes: lower runs first. Offline work only fills spare capacity."""
@@ -63,12 +65,11 @@ class _Item:
     sort_key: tuple[int, float, int]
     payload: Any = field(compare=False)
     cost: float | None = field(compare=False)
-    key: Hashable = field(compare=False)
+    key: Hashable = field(compare=False)  # _ASK_MODEL until the runner resolves it
     is_stale: Callable[[], bool] = field(compare=False)
     future: asyncio.Future[Any] = field(compare=False)
     loop: asyncio.AbstractEventLoop = field(compare=False)
     enqueued: float = field(compare=False)
-    abandoned: bool = field(default=False, compare=False)
 
 
 @dataclass
@@ -187,7 +188,8 @@ class ModelRunner:
 
         Cancelling the returned future abandons the item: a runner that has not started
         it yet skips it. ``deadline`` is a ``time.monotonic()`` value; items with the
-        same priority run earliest deadline first.
+        same priority run earliest deadline first. ``cost`` and ``key`` default to the
+        model's own :meth:`~BatchModel.cost` and :meth:`~BatchModel.batch_key`.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[WorkResult[Any]] = loop.create_future()
@@ -196,18 +198,12 @@ class ModelRunner:
             sort_key=(int(priority), deadline if deadline is not None else now, next(self._seq)),
             payload=payload,
             cost=cost,
-            key=key,
+            key=_ASK_MODEL if key is None else key,
             is_stale=is_stale,
             future=future,
             loop=loop,
             enqueued=now,
         )
-
-        def _abandon(fut: asyncio.Future[Any]) -> None:
-            if fut.cancelled():
-                item.abandoned = True
-
-        future.add_done_callback(_abandon)
         with self._cond:
             if self._closed:
                 raise RunnerClosed(f"runner {self.name} is closed")
@@ -283,10 +279,17 @@ class ModelRunner:
 
     @staticmethod
     def _cost(model: BatchModel[Any, Any], item: _Item) -> float:
-        return item.cost if item.cost is not None else model.cost(item.payload)
+        """Resolve the item's cost and batch key from the model the first time it is seen."""
+        if item.key is _ASK_MODEL:
+            item.key = model.batch_key(item.payload)
+        if item.cost is None:
+            item.cost = model.cost(item.payload)
+        return item.cost
 
     def _drop_if_stale(self, item: _Item) -> bool:
-        stale = item.abandoned
+        # A cancelled future means its caller went away (reading its state from this
+        # thread is a plain attribute read; the worst race is running one extra item).
+        stale = item.future.done()
         if not stale:
             try:
                 stale = item.is_stale()

@@ -105,7 +105,7 @@ def _cascade(name: str) -> cv2.CascadeClassifier:
     """
     cache: dict[str, cv2.CascadeClassifier] = _THREAD_LOCAL.__dict__.setdefault("cascades", {})
     if name not in cache:
-        cache[name] = cv2.CascadeClassifier(cv2.data.haarcascades + name)
+        cache[name] = cv2.CascadeClassifier(cv2.data.haarcascades + name)  # type: ignore[attr-defined]
     return cache[name]
 
 
@@ -139,14 +139,16 @@ def fit_to_frame(
     y0 = int(np.clip(round(cy - height * 0.3), 0, sh - height))
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     scaled = cv2.resize(rgb, (sw, sh), interpolation=interp)
-    fitted = np.ascontiguousarray(scaled[y0 : y0 + height, x0 : x0 + width])
+    fitted = np.ascontiguousarray(scaled[y0 : y0 + height, x0 : x0 + width], dtype=np.uint8)
     if face is None:
         return fitted, None
     fx, fy, fw, fh = (round(v * scale) for v in face)
     return fitted, (fx - x0, fy - y0, fw, fh)
 
 
-def _find_mouth(rgb: RGBFrame, face: tuple[int, int, int, int]) -> tuple[float, float, float] | None:
+def _find_mouth(
+    rgb: RGBFrame, face: tuple[int, int, int, int]
+) -> tuple[float, float, float] | None:
     """Mouth centre x, lip-line y and half width from the smile cascade, if it agrees."""
     x, y, w, h = face
     top = y + int(h * 0.6)
@@ -171,7 +173,8 @@ def _find_mouth(rgb: RGBFrame, face: tuple[int, int, int, int]) -> tuple[float, 
 
 def _smoothstep(edge0: float, edge1: float, x: F32) -> F32:
     t = np.clip((x - edge0) / (edge1 - edge0), 0.0, 1.0)
-    return (t * t * (3.0 - 2.0 * t)).astype(np.float32)
+    out: F32 = (t * t * (3.0 - 2.0 * t)).astype(np.float32)
+    return out
 
 
 def prepare_avatar(request: PrepareRequest) -> PreparedAvatar:
@@ -232,9 +235,7 @@ def prepare_avatar(request: PrepareRequest) -> PreparedAvatar:
     lips = base[max(0, my0) : max(1, my1), max(0, mx0) : max(1, mx1)].reshape(-1, 3)
     lip_tone = lips.mean(axis=0) if lips.size else np.array([150, 80, 80], np.float32)
     cavity = (lip_tone * np.array([0.28, 0.16, 0.16])).astype(np.float32)
-    teeth = np.array([228, 222, 210], np.float32) * float(
-        np.clip(base.mean() / 140.0, 0.75, 1.05)
-    )
+    teeth = np.array([228, 222, 210], np.float32) * float(np.clip(base.mean() / 140.0, 0.75, 1.05))
     return PreparedAvatar(
         base=base,
         face=(fx, fy, fw, fh),
@@ -260,9 +261,7 @@ def prepare_avatar(request: PrepareRequest) -> PreparedAvatar:
     )
 
 
-def frame_features(
-    audio: F32, centres: npt.NDArray[np.int64], sample_rate: int
-) -> tuple[F32, F32]:
+def frame_features(audio: F32, centres: npt.NDArray[np.int64], sample_rate: int) -> tuple[F32, F32]:
     """Level (dBFS) and spectral spread (0 = dark/rounded, 1 = bright/spread) per frame."""
     half = int(FEATURE_WINDOW_S * sample_rate / 2)
     padded = np.pad(audio, (half, half))
@@ -362,7 +361,6 @@ class AvatarLite(AvatarModel):
         hy = 0.6 * sway * math.sin(2 * math.pi * 0.31 * t + 1.7 * phase) - openness * fh * 0.012
 
         drop = openness * fh * MAX_JAW_DROP
-        mcx, mcy, mhalf = avatar.mouth
         widen = 1.0 + 0.12 * (spread - 0.5) * 2 * openness - 0.06 * openness
         # Lips spread or round: horizontal scaling about the mouth centre near the lips.
         lip_band = np.exp(-0.5 * (avatar.lip_rows / (fh * 0.07)) ** 2)
@@ -380,8 +378,11 @@ class AvatarLite(AvatarModel):
                 pull = np.where(inside & (rows <= cover), rows, 0.0)
                 map_y -= pull.astype(np.float32)
         roi = avatar.base[y0:y1, x0:x1]
-        warped = cv2.remap(
-            roi, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        warped: RGBFrame = np.asarray(
+            cv2.remap(
+                roi, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+            ),
+            dtype=np.uint8,
         )
         if drop > 0.5:
             warped = AvatarLite._paint_cavity(avatar, warped, drop, widen)

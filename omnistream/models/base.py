@@ -39,5 +39,5 @@ class BatchModel(ABC, Generic[P, R]):
         as exceptions in the result list instead so that other sessions are unaffected.
         """
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:
         """Release device memory or native handles (optional)."""

@@ -41,8 +41,7 @@ from omnistream.settings import Settings
 log = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = (
-    "A person is talking. Only the foreground characters are moving, the background "
-    "remains static."
+    "A person is talking. Only the foreground characters are moving, the background remains static."
 )
 DEFAULT_SEED = 9999
 REFERENCE_CACHE_SIZE = 32
@@ -85,8 +84,16 @@ class ChunkGeometry:
         Raises:
             ConfigError: a value of the wrong type or outside the server's limits.
         """
-        keys = ("sample_rate", "fps", "width", "height", "frame_num", "motion_frames_num",
-                "slice_len", "chunk_samples")
+        keys = (
+            "sample_rate",
+            "fps",
+            "width",
+            "height",
+            "frame_num",
+            "motion_frames_num",
+            "slice_len",
+            "chunk_samples",
+        )
         given = {k: _as_int(k, config[k]) for k in keys if config.get(k) is not None}
         base = cls()
         sr = given.get("sample_rate", base.sample_rate)
@@ -109,7 +116,9 @@ class ChunkGeometry:
             slice_len = given["slice_len"]
             chunk = slice_len * sr // fps
         else:
-            slice_len = base.slice_len if fps == base.fps else max(1, round(base.chunk_samples * fps / sr))
+            slice_len = (
+                base.slice_len if fps == base.fps else max(1, round(base.chunk_samples * fps / sr))
+            )
             chunk = slice_len * sr // fps
         if not 1 <= slice_len <= settings.max_fps * 10:
             raise ConfigError("'slice_len' must be between 1 and 10 seconds of frames")
@@ -478,7 +487,9 @@ class AvatarService:
         self.metrics.frames_encoded.inc(len(jpegs))
         return list(jpegs)
 
-    def observe_chunk(self, session: AvatarSession, total_ms: float, queue_ms: float, late: bool) -> None:
+    def observe_chunk(
+        self, session: AvatarSession, total_ms: float, queue_ms: float, late: bool
+    ) -> None:
         """Export one chunk's figures to Prometheus."""
         self.metrics.chunk_latency.labels(session.model_id).observe(total_ms / 1000.0)
         self.metrics.queue_wait.labels(session.model_id).observe(queue_ms / 1000.0)

@@ -69,9 +69,7 @@ class SessionManager:
         """Register a session, or raise :class:`CapacityExceeded` without registering it."""
         if len(self._live) >= self.max_sessions:
             self.metrics.sessions_refused.labels(session.kind, "max_sessions").inc()
-            raise CapacityExceeded(
-                f"Server is at its limit of {self.max_sessions} live sessions."
-            )
+            raise CapacityExceeded(f"Server is at its limit of {self.max_sessions} live sessions.")
         stages = session.capacity_stages
         live_units = sum(
             s.units_per_second for s in self._live.values() if s.capacity_stages == stages

@@ -59,6 +59,9 @@ FIRST_FRAME_WAIT_S = 3.0  # how long the video track waits for the very first fr
 MAX_LATE_FRAMES = 2  # a video track this far behind its clock skips ahead
 LIPS_KEEP_S = 1.0  # lips audio kept behind the play position (model context)
 OPEN_MOUTH = 0.25  # model-reported openness that counts as an open mouth
+SPEECH_ONSET_LEVEL = 0.005  # about -46 dBFS: where an utterance's sound begins
+MAX_LEADING_TRIM_S = 0.5  # never hold back more than this looking for the onset
+ONSET_PREROLL_S = 0.02  # keep this much before the onset so the attack is not cut
 
 
 FloatAudio = npt.NDArray[np.float32]
@@ -305,6 +308,42 @@ class Utterance:
     first_audio_at: float | None = None  # monotonic time its first packet was sent
     first_open_at: float | None = None  # monotonic time the first open-mouth frame went
     done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+async def trim_leading_silence(chunks: AsyncIterator[SpeechChunk]) -> AsyncIterator[SpeechChunk]:
+    """Drop the silence TTS models put before speech (about 300 ms for Kokoro).
+
+    Nobody hears it, but it would count in the time from ``speak`` to sound and delay the
+    lips by as much. Chunks are held until the first sample above
+    :data:`SPEECH_ONSET_LEVEL` (at most :data:`MAX_LEADING_TRIM_S`), then released from
+    just before it; everything after the onset passes through untouched. The stream is
+    closed when this generator is, so an interrupted utterance stops synthesising.
+    """
+    held: list[SpeechChunk] = []
+    trimming = True
+    rate = 0
+    try:
+        async for chunk in chunks:
+            if not trimming:
+                yield chunk
+                continue
+            held.append(chunk)
+            rate = chunk.sample_rate
+            joined = np.concatenate([np.asarray(c.samples, np.float32).reshape(-1) for c in held])
+            loud = np.flatnonzero(np.abs(joined) > SPEECH_ONSET_LEVEL)
+            if loud.size or len(joined) > MAX_LEADING_TRIM_S * rate:
+                cut = max(0, int(loud[0]) - int(ONSET_PREROLL_S * rate)) if loud.size else 0
+                text = "".join(c.text for c in held)
+                held = []
+                trimming = False
+                yield SpeechChunk(joined[cut:], rate, text)
+        if held:  # the whole utterance was quiet: play it as it is
+            joined = np.concatenate([np.asarray(c.samples, np.float32).reshape(-1) for c in held])
+            yield SpeechChunk(joined, rate, "".join(c.text for c in held))
+    finally:
+        closer = getattr(chunks, "aclose", None)
+        if closer is not None:
+            await closer()
 
 
 # -- media tracks ---------------------------------------------------------------------
@@ -826,37 +865,39 @@ class WebRTCAvatarSession:
         to_lips: StreamResampler | None = None
         position = 0
         self.stats.utterances += 1
-        async for chunk in self.synth.stream(utt.text, utt.voice):
-            samples = np.asarray(chunk.samples, dtype=np.float32).reshape(-1)
-            if to_play is None or to_lips is None:
-                to_play = StreamResampler(chunk.sample_rate, AUDIO_RATE)
-                to_lips = StreamResampler(chunk.sample_rate, LIPS_RATE)
-                # Start a little ahead of the play position (never before queued
-                # speech): the renderer needs that long to draw the first open mouth.
-                lead = self.config.speech_lead_ms * AUDIO_RATE // 1000
-                now = max(self.clock.position(), self.timeline.played)
-                position = max(now + lead, self.timeline.write_end)
-                position -= position % LIPS_PER_AUDIO
-                utt.start = position
-                self.timeline.streaming = True
-                self.timeline.lips_known = position
-                self._add_mark(position, {"type": "speech.started", "id": utt.id,
-                                          "text": utt.text})
-                self._rewind(frame_at(position, self.fps))
-            play = to_play.process(samples)
-            lips = to_lips.process(samples)
-            if chunk.text:
-                utt.segments.append((position, len(chunk.text)))
-                self._add_mark(position, {
-                    "type": "subtitle",
-                    "id": utt.id,
-                    "text": chunk.text,
-                    "start_ms": round((position - (utt.start or 0)) * 1000 / AUDIO_RATE, 1),
-                })
-            await self._write_speech(position, play, lips)
-            position += len(play)
-            utt.written_end = position
-            utt.chars_written += len(chunk.text)
+        stream = trim_leading_silence(self.synth.stream(utt.text, utt.voice))
+        async with contextlib.aclosing(stream):
+            async for chunk in stream:
+                samples = np.asarray(chunk.samples, dtype=np.float32).reshape(-1)
+                if to_play is None or to_lips is None:
+                    to_play = StreamResampler(chunk.sample_rate, AUDIO_RATE)
+                    to_lips = StreamResampler(chunk.sample_rate, LIPS_RATE)
+                    # Start a little ahead of the play position (never before queued
+                    # speech): the renderer needs that long to draw the first open mouth.
+                    lead = self.config.speech_lead_ms * AUDIO_RATE // 1000
+                    now = max(self.clock.position(), self.timeline.played)
+                    position = max(now + lead, self.timeline.write_end)
+                    position -= position % LIPS_PER_AUDIO
+                    utt.start = position
+                    self.timeline.streaming = True
+                    self.timeline.lips_known = position
+                    self._add_mark(position, {"type": "speech.started", "id": utt.id,
+                                              "text": utt.text})
+                    self._rewind(frame_at(position, self.fps))
+                play = to_play.process(samples)
+                lips = to_lips.process(samples)
+                if chunk.text:
+                    utt.segments.append((position, len(chunk.text)))
+                    self._add_mark(position, {
+                        "type": "subtitle",
+                        "id": utt.id,
+                        "text": chunk.text,
+                        "start_ms": round((position - (utt.start or 0)) * 1000 / AUDIO_RATE, 1),
+                    })
+                await self._write_speech(position, play, lips)
+                position += len(play)
+                utt.written_end = position
+                utt.chars_written += len(chunk.text)
         if to_play is not None and to_lips is not None:
             tail = to_play.process(np.zeros(0, np.float32), last=True)
             tail_lips = to_lips.process(np.zeros(0, np.float32), last=True)

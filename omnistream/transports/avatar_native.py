@@ -170,8 +170,10 @@ class NativeConnection:
         settings = self.state.settings
         model_id = request.get("model") or settings.avatar_model
         backend = request.get("backend") or "auto"
-        inputs = request.get("inputs") or {}
-        config = request.get("config") or {}
+        inputs = request.get("inputs")
+        config = request.get("config")
+        inputs = {} if inputs is None else inputs
+        config = {} if config is None else config
         if not isinstance(model_id, str) or not isinstance(backend, str):
             await self.error("bad_config", "'model' and 'backend' must be strings.")
             return

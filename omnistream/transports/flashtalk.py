@@ -153,7 +153,9 @@ class FlashTalkConnection:
             return
         session.prompt = str(request.get("prompt") or DEFAULT_PROMPT)
         seed = request.get("seed", DEFAULT_SEED)
-        session.seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else DEFAULT_SEED
+        session.seed = (
+            seed if isinstance(seed, int) and not isinstance(seed, bool) else DEFAULT_SEED
+        )
         session.on_expire = self._expired
         self.session = session
         reply: dict[str, Any] = {"type": "init_ok", **geometry.as_dict()}

@@ -74,9 +74,7 @@ def parse_json(text: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else {"type": value}
 
 
-async def deny_unless_allowed(
-    ws: WebSocket, state: AppState, model_id: str, task: str
-) -> bool:
+async def deny_unless_allowed(ws: WebSocket, state: AppState, model_id: str, task: str) -> bool:
     """Refuse the handshake with the HTTP status of the model check (404/403/503).
 
     Returns True when the model may be used and the caller should accept the socket.
@@ -84,7 +82,9 @@ async def deny_unless_allowed(
     try:
         state.resolve_model(model_id, task)
     except ModelAccessError as exc:
-        body = {"error": {"message": exc.message, "type": "invalid_request_error", "code": exc.code}}
+        body = {
+            "error": {"message": exc.message, "type": "invalid_request_error", "code": exc.code}
+        }
         try:
             await ws.send_denial_response(JSONResponse(body, status_code=exc.status))
         except RuntimeError:  # server without the denial extension: plain 403

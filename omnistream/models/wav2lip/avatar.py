@@ -122,11 +122,12 @@ def prepare_avatar(request: PrepareRequest, size: int) -> Wav2LipAvatar:
     info: dict[str, Any]
     if fitted_face is not None and fitted_face[2] >= 8 and fitted_face[3] >= 8:
         box = face_box(fitted_face, request.width, request.height)
-        info = {"face_found": True, "face_box": list(box)}
+        info = {"face_found": True, "face_detected": True, "face_box": list(box)}
     else:
         box = fallback_box(request.width, request.height)
         info = {
             "face_found": False,
+            "face_detected": False,
             "face_box": list(box),
             "fallback": "no face found in the reference image: lip-sync applied to a "
             "centred region",

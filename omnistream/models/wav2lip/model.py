@@ -21,6 +21,7 @@ What makes that cheap:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections import OrderedDict
@@ -51,6 +52,7 @@ CUDA_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 #: (a 384 frame carries ~9 MB of them in float32).
 CPU_MAX_BATCH = {"96": 64, "256": 16, "384": 8}
 AVATAR_CACHE = 16
+_TOKENS = itertools.count(1)  # unique per loaded model, unlike id() which is reused
 
 
 @dataclass
@@ -141,7 +143,7 @@ class Wav2LipModel(AvatarModel):
         self._graphs: dict[int, _CudaGraph] = {}
         self._avatars: OrderedDict[tuple[str, int, int], Wav2LipAvatar] = OrderedDict()
         self._lock = threading.Lock()
-        self._token = id(self)
+        self._token = next(_TOKENS)
         self.last_batch_frames = 0
 
     # -- preparation -----------------------------------------------------------------
