@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/tts_engine_bench.py [--streams 16] [--rounds 3] [--out bench/results/tts_engine.json]
+    python bench/tts_engine_bench.py --streams 16 --rounds 3 --out bench/results/tts_engine.json
 
 What it measures (server in a subprocess, so client and server do not share a GIL):
 
@@ -75,6 +75,7 @@ def model_direct(rounds: int) -> dict[str, Any]:
     tts = Hibari(threads=1)
     tts("Warm up.")
     first_chunk, first_clause, total, audio = [], [], [], 0.0
+    cpu_start = time.process_time()
     for _ in range(rounds):
         for text in TEXTS:
             start = time.perf_counter()
@@ -85,11 +86,15 @@ def model_direct(rounds: int) -> dict[str, Any]:
                 parts.append(part)
             total.append((time.perf_counter() - start) * 1000)
             audio += sum(len(p) for p in parts) / RATE
+            clause_cpu = time.process_time()
             clause = segment_text(text)[0]
             start = time.perf_counter()
             next(iter(tts.stream(clause)))
             first_clause.append((time.perf_counter() - start) * 1000)
+            cpu_start += time.process_time() - clause_cpu  # not part of the stream's cost
+    cpu = time.process_time() - cpu_start
     return {
+        "cpu_ms_per_audio_s": round(cpu * 1000 / audio, 2),
         "first_chunk_ms": _summ(first_chunk),
         "first_clause_ms": _summ(first_clause),
         "total_ms_sum": round(sum(total), 1),
@@ -134,13 +139,21 @@ async def one_stream(
     }
 
 
-async def engine_runs(url: str, streams: int, rounds: int) -> dict[str, Any]:
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def engine_runs(url: str, streams: int, rounds: int, pid: int) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=streams * 2, max_keepalive_connections=streams * 2)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
         await client.post("/v1/text2audio/warmup", json={"model": "hibari"})
         for text in TEXTS:  # warm the connection pool and the G2P caches
             await one_stream(client, text)
+        cpu_before = _cpu_s(pid)
         single = [await one_stream(client, t) for _ in range(rounds) for t in TEXTS]
+        single_cpu = _cpu_s(pid) - cpu_before
 
         async def concurrent(stagger_s: float) -> tuple[list[dict[str, float]], float]:
             results: list[dict[str, float]] = []
@@ -155,7 +168,9 @@ async def engine_runs(url: str, streams: int, rounds: int) -> dict[str, Any]:
                 wall += time.perf_counter() - start
             return results, wall
 
+        cpu_before = _cpu_s(pid)
         burst, burst_wall = await concurrent(0.0)
+        burst_cpu = _cpu_s(pid) - cpu_before
         staggered, stag_wall = await concurrent(1.0)
         metrics = (await client.get("/metrics")).text
 
@@ -178,9 +193,15 @@ async def engine_runs(url: str, streams: int, rounds: int) -> dict[str, Any]:
     server_underruns = [
         line for line in metrics.splitlines() if line.startswith("omnistream_tts_underruns_total")
     ]
+    single_block = block(single)
+    single_block["server_cpu_ms_per_audio_s"] = round(
+        single_cpu * 1000 / single_block["audio_s"], 2
+    )
+    burst_block = block(burst, burst_wall)
+    burst_block["server_cpu_ms_per_audio_s"] = round(burst_cpu * 1000 / burst_block["audio_s"], 2)
     return {
-        "single": block(single),
-        "burst": block(burst, burst_wall),
+        "single": single_block,
+        "burst": burst_block,
         "staggered": block(staggered, stag_wall),
         "server_underrun_counter": server_underruns,
     }
@@ -219,7 +240,7 @@ def main() -> int:
                     raise RuntimeError("server did not start") from None
                 time.sleep(0.2)
         direct = model_direct(args.rounds)
-        engine = asyncio.run(engine_runs(url, args.streams, args.rounds))
+        engine = asyncio.run(engine_runs(url, args.streams, args.rounds, server.pid))
     finally:
         server.terminate()
         server.wait(timeout=15)
@@ -244,6 +265,12 @@ def main() -> int:
             ),
             "engine_over_direct_total_time": round(
                 single["total_ms_sum"] / direct["total_ms_sum"], 3
+            ),
+            "engine_over_direct_cpu_per_audio_s": round(
+                single["server_cpu_ms_per_audio_s"] / direct["cpu_ms_per_audio_s"], 3
+            ),
+            "burst_engine_over_direct_cpu_per_audio_s": round(
+                engine["burst"]["server_cpu_ms_per_audio_s"] / direct["cpu_ms_per_audio_s"], 3
             ),
             "burst_ttfa_p95_over_single_p50": round(
                 engine["burst"]["ttfa_ms"]["p95"] / single["ttfa_ms"]["p50"], 2

@@ -52,6 +52,23 @@ def _timeit(fn: Any, frames: int, min_s: float, min_reps: int, sync: Any) -> dic
             "frames_per_s": round(frames * reps / elapsed, 2)}
 
 
+def gflops_per_frame(variant: str) -> dict[str, float]:
+    """Per-frame GFLOP (2 × multiply-adds) of the full generator and of the cached path."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = LAYOUTS[variant].size
+    net = build(variant, "meta")
+    mel = torch.zeros(1, 1, 80, 16, device="meta")
+    face = torch.zeros(1, 6, size, size, device="meta")
+    with FlopCounterMode(display=False) as full:
+        net(mel, face)
+    feats = net.encode_face(face)
+    with FlopCounterMode(display=False) as cached:
+        net.decode(net.encode_audio(mel), feats)
+    return {"full": round(full.get_total_flops() / 1e9, 2),
+            "cached_face": round(cached.get_total_flops() / 1e9, 2)}
+
+
 def bench_variant(variant: str, batches: list[int], device: str, min_s: float,
                   min_reps: int) -> dict[str, Any]:
     size = LAYOUTS[variant].size
@@ -98,7 +115,8 @@ def bench_variant(variant: str, batches: list[int], device: str, min_s: float,
     print(f"wav2lip-{variant} render {frames} frames at 416x704: "
           f"{render['frames_per_s']:.2f} f/s", flush=True)
     model.close()
-    return {"variant": f"wav2lip-{variant}", "device": device, "dtype": str(model.dtype),
+    return {"variant": f"wav2lip-{variant}", "gflop_per_frame": gflops_per_frame(variant),
+            "device": device, "dtype": str(model.dtype),
             "cuda_graphs": model.use_graphs, "batches": rows,
             "render_416x704": {"batch": frames, **render}}
 

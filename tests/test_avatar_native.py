@@ -173,3 +173,36 @@ async def test_capacity_exceeded_is_an_event_not_a_dropped_socket() -> None:
                 while (await recv_json(a))["type"] != "session.closed":
                     pass
                 assert (await create(b))["type"] == "session.created"
+
+
+async def test_idle_session_expires_with_finish_and_slot_is_freed() -> None:
+    with run_server(idle_timeout_s=1.0) as srv:
+        async with await connect(srv.ws + "/v1/avatar/realtime") as ws:
+            assert (await create(ws))["type"] == "session.created"
+            assert len(srv.state.sessions.live()) == 1
+            finish = await recv_json(ws, timeout=10)
+            assert finish["type"] == "finish"
+            assert finish["message"] == "idle timeout"
+            await asyncio.wait_for(ws.wait_closed(), 10)
+        assert srv.state.sessions.live() == []
+
+
+async def test_prometheus_exports_session_and_chunk_metrics(server: RunningServer) -> None:
+    import httpx
+
+    async with await connect(server.ws + "/v1/avatar/realtime") as ws:
+        await create(ws)
+        await ws.send(b"AUDI" + speech_like(3200))
+        await recv_json(ws)
+        await ws.recv()
+        async with httpx.AsyncClient() as client:
+            text = (await client.get(server.http + "/metrics")).text
+    for name in (
+        'omnistream_live_sessions{kind="avatar"} 1.0',
+        'omnistream_chunk_latency_seconds_count{model="omni-avatar-lite"}',
+        'omnistream_queue_wait_seconds_count{model="omni-avatar-lite"}',
+        'omnistream_batch_size_count{model="omni-avatar-lite"}',
+        "omnistream_event_loop_lag_seconds_count",
+        "omnistream_late_chunks_total",
+    ):
+        assert name in text, name

@@ -274,3 +274,29 @@ def test_progress_line_on_stderr(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "[bench avatar flashtalk N=1 [A]]" in captured.err
     assert "answered 5" in captured.err
     assert "| target |" in captured.out  # the Markdown table goes to stdout
+
+
+def test_audio_file_and_reference_image_are_sent(tmp_path: Path) -> None:
+    import base64
+    import wave
+
+    import numpy as np
+
+    from tests.test_bench_fakes import tiny_jpeg
+
+    audio = tmp_path / "speech.wav"
+    with wave.open(str(audio), "wb") as w:  # 0.5 s of 8 kHz tone, resampled to 16 kHz
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        tone = 0.2 * np.sin(2 * np.pi * 300 * np.arange(4000) / 8000)
+        w.writeframes((tone * 32767).astype("<i2").tobytes())
+    image = tmp_path / "face.jpg"
+    image.write_bytes(tiny_jpeg(80, 120))
+    with fake_avatar_server() as fake:
+        args = ["avatar", "--url", fake.url, "--audio", str(audio), "--ref-image", str(image)]
+        rc, report, _ = run_bench([*args, *SHORT], tmp_path / "out")
+    assert rc == 0 and report is not None
+    assert base64.b64decode(fake.inits[0]["ref_image"]) == image.read_bytes()
+    assert report["settings"]["audio"] == str(audio)
+    assert report["summary"]["chunks_answered"] == 5  # 0.5 s of audio looped over 1 s

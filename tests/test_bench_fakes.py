@@ -413,7 +413,7 @@ def assert_avatar_run_consistent(run: dict[str, Any]) -> None:
             margin = c["arrival_s"] - (c["due_s"] + chunk_s)
             if abs(margin) > 1e-3:
                 assert c["late"] == (margin > 0)
-            assert c["arrival_s"] >= c["sent_s"] >= c["due_s"] - 1e-6
+            assert c["arrival_s"] >= c["sent_s"] >= c["due_s"] - 1e-4
         if ok and session["ttff_ms"] is not None:
             assert session["ttff_ms"] >= ok[0]["latency_ms"] - 0.01
         for key in ("latency_ms", "jitter_ms", "frames_per_chunk", "pacing_ms"):

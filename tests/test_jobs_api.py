@@ -185,13 +185,14 @@ def test_data_url_and_allowed_local_path(client: httpx.Client, dirs: dict[str, P
 # -- job streams, trace, cancel --------------------------------------------------------------
 
 
-def _long_video_job(client: httpx.Client, seconds: float = 20.0) -> str:
+def _long_video_job(client: httpx.Client, seconds: float = 45.0) -> str:
+    """An audio2video job long enough (many 1 s steps at full size) to cancel mid-run."""
     r = client.post(
         "/v1/generate",
         json={
             "task": "audio2video",
             "inputs": {"audio": b64(tone(seconds))},
-            "config": {"width": 256, "height": 320, "fps": 25},
+            "config": {"width": 416, "height": 704, "fps": 25},
             "async_run": True,
         },
     )
@@ -259,7 +260,7 @@ def test_ws_stream_loses_no_event_while_client_cancels(
     assert [e["seq"] for e in events] == list(range(len(events)))
     assert events[-1]["event"] == "job_cancelled"
     rendered = max(e["data"]["done"] for e in events if e["event"] == "stage_progress")
-    assert rendered < 20 * 25, "the job should stop at its next step, long before the end"
+    assert rendered < 45 * 25, "the job should stop at its next step, long before the end"
     record = client.get(f"/v1/jobs/{job_id}").json()
     assert record["state"] == "cancelled" and record["result"] is None
     assert not [f for f in _artifact_files(dirs) if f.endswith(".part")]
@@ -509,3 +510,44 @@ def test_malformed_bodies_and_oversized_uploads(
     assert _artifact_files(dirs) == before
     # The server is fine afterwards.
     assert client.get("/healthz").status_code == 200
+
+
+def test_sync_run_leaves_the_server_responsive(client: httpx.Client, srv: RunningServer) -> None:
+    import threading
+    import time
+
+    done: dict[str, Any] = {}
+
+    def run() -> None:
+        with httpx.Client(base_url=srv.http, timeout=120) as other:
+            body = {
+                "task": "audio2video",
+                "inputs": {"audio": b64(tone(8.0))},
+                "config": {"width": 256, "height": 320},
+            }
+            done["response"] = other.post("/v1/generate", json=body)
+            done["at"] = time.monotonic()
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    answered = []
+    while worker.is_alive() and len(answered) < 5:
+        r = client.get("/healthz", timeout=5)
+        assert r.status_code == 200
+        answered.append(time.monotonic())
+        time.sleep(0.05)
+    worker.join()
+    assert done["response"].status_code == 200, done["response"].text
+    assert answered and answered[0] < done["at"], "health checks answered during the sync run"
+
+
+def test_queued_job_is_cancelled_at_once(client: httpx.Client) -> None:
+    running = [_long_video_job(client, 10.0) for _ in range(2)]  # max_running_jobs = 2
+    queued = _long_video_job(client, 10.0)
+    record = client.get(f"/v1/jobs/{queued}").json()
+    assert record["state"] == "queued"
+    r = client.delete(f"/v1/jobs/{queued}")
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    assert r.json()["started_at_ms"] is None
+    for job_id in running:
+        assert client.delete(f"/v1/jobs/{job_id}").json()["state"] == "cancelled"

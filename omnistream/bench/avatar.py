@@ -513,8 +513,8 @@ class _Session:
                 return
             message = encode_audio(source.chunk(record.index))  # built before the deadline
             due = t0 + record.index * chunk_s
-            delay = due - self._now()
-            if delay > 0:
+            # Loop: uvloop rounds timers to whole milliseconds and may wake a little early.
+            while (delay := due - self._now()) > 0:
                 await asyncio.sleep(delay)
             if previous_sent > due:
                 # The previous send was still blocked when this chunk fell due: the
@@ -890,7 +890,9 @@ async def run_ramp(
                 await maybe
         summary = run.summary()
         if not summary["client"]["ok"]:
-            reason = f"N={n}: {summary['client']['reason']}"
+            late = summary["late_chunks"]
+            server = f"; the server also had {late} late chunk(s) at that step" if late else ""
+            reason = f"N={n}: {summary['client']['reason']}{server}"
             raise _ClientBehind
         if not summary["held"]:
             reason = f"N={n}: {summary['held_reason']}"

@@ -75,7 +75,8 @@ class Progress:
             f"{c.sent}/{c.planned} answered {c.received} late {c.late} err {c.errors} "
             f"last {last}"
         )
-        return f"[bench {self.label}] {elapsed:5.1f}/{self.total_s:.0f}s {body}"
+        clock = f"{elapsed:5.1f}/{self.total_s:.0f}s" if self.total_s else f"{elapsed:5.1f}s"
+        return f"[bench {self.label}] {clock} {body}"
 
     def _write(self, final: bool = False) -> None:
         if self._tty:

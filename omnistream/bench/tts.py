@@ -280,7 +280,6 @@ async def _one_request(
     sc: TtsScenario,
     record: RequestRecord,
     text: str,
-    run_t0: float,
     errors: ErrorLog,
     counters: Counters,
 ) -> None:
@@ -357,7 +356,6 @@ async def _one_request(
     underruns, stall = simulate_playback(arrivals, record.sample_rate, sc.prebuffer_ms / 1000)
     record.underruns = underruns
     record.stall_ms = round(stall * 1000, 3)
-    del run_t0
 
 
 async def _watch_loop_lag(samples: list[float]) -> None:
@@ -374,7 +372,6 @@ async def run_tts(scenario: TtsScenario, label: str = "A", progress: bool = Fals
     errors = ErrorLog(keep=10)
     records: list[RequestRecord] = []
     lag: list[float] = []
-    run_t0 = time.monotonic()
     timeout = httpx.Timeout(
         connect=scenario.connect_timeout_s,
         read=scenario.read_timeout_s,
@@ -383,6 +380,7 @@ async def run_tts(scenario: TtsScenario, label: str = "A", progress: bool = Fals
     )
     limits = httpx.Limits(max_connections=scenario.streams + 4, max_keepalive_connections=None)
     texts = scenario.texts or list(DEFAULT_TEXTS)
+    run_t0 = time.monotonic()
 
     async def stream(index: int) -> None:
         for r in range(scenario.requests):
@@ -397,7 +395,7 @@ async def run_tts(scenario: TtsScenario, label: str = "A", progress: bool = Fals
             counters.active += 1
             counters.sent += 1
             try:
-                await _one_request(client, scenario, record, text, run_t0, errors, counters)
+                await _one_request(client, scenario, record, text, errors, counters)
             finally:
                 counters.active -= 1
                 counters.received += 1
@@ -414,15 +412,17 @@ async def run_tts(scenario: TtsScenario, label: str = "A", progress: bool = Fals
             + ("-" if c.last_latency_ms is None else f"{c.last_latency_ms:.0f}ms")
         ),
     )
-    lag_task = asyncio.create_task(_watch_loop_lag(lag))
-    try:
-        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+    # The client is built before the lag watch starts: creating it loads TLS certificates,
+    # a one-off stall of the loop that says nothing about the run.
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        lag_task = asyncio.create_task(_watch_loop_lag(lag))
+        try:
             async with display.running():
                 await asyncio.gather(*(stream(i) for i in range(scenario.streams)))
-    finally:
-        lag_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await lag_task
+        finally:
+            lag_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lag_task
     records.sort(key=lambda r: (r.stream, r.index))
     return TtsRun(
         url=scenario.target_url(),

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import resource
 import secrets
 import socket
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from omnistream.engine.registry import ModelSpec
@@ -31,6 +34,43 @@ from omnistream.jobs.store import Job, now_ms
 T = TypeVar("T")
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+#: Niceness added to the threads that decode inputs and encode outputs of offline jobs.
+OFFLINE_NICE = 10
+OFFLINE_THREADS = max(1, min(4, os.cpu_count() or 1))
+_offline_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _lower_thread_priority() -> None:
+    """Make the calling thread yield the CPU to everything else (Linux: per-thread nice).
+
+    Runner priority orders model steps, but an offline job also decodes and encodes
+    (x264, AAC, WAV) outside the runners; at nice 10 that work only gets the cores that
+    live sessions' rendering and JPEG threads leave idle.
+    """
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + OFFLINE_NICE)
+    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
+        pass
+
+
+def offline_executor() -> ThreadPoolExecutor:
+    """The shared low-priority thread pool for offline jobs' blocking work."""
+    global _offline_pool
+    with _pool_lock:
+        if _offline_pool is None:
+            _offline_pool = ThreadPoolExecutor(
+                OFFLINE_THREADS, thread_name_prefix="offline-io", initializer=_lower_thread_priority
+            )
+        return _offline_pool
+
+
+async def run_offline(fn: Callable[..., T], *args: Any) -> T:
+    """Run blocking work of an offline job on the low-priority pool, off the event loop."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(offline_executor(), functools.partial(fn, *args))
 
 
 def peak_rss_bytes() -> int:
@@ -204,8 +244,8 @@ class RunContext:
         return work.result()
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run blocking work (file writes, encoding) in a worker thread."""
-        return await asyncio.to_thread(fn, *args)
+        """Run blocking work (file writes, encoding) on the low-priority offline pool."""
+        return await run_offline(fn, *args)
 
     def reserve(self, ext: str) -> Reservation:
         """Reserve an artifact path; discarded automatically if the run does not succeed."""

@@ -18,7 +18,7 @@ from omnistream.engine.registry import ModelSpec
 from omnistream.jobs.artifacts import ArtifactStore
 from omnistream.jobs.errors import GenerateError, JobCancelled
 from omnistream.jobs.inputs import InputLimits, Upload
-from omnistream.jobs.runtime import WORKER_ID, RunContext, peak_rss_bytes
+from omnistream.jobs.runtime import WORKER_ID, RunContext, peak_rss_bytes, run_offline
 from omnistream.jobs.schemas import (
     TASKS,
     Artifact,
@@ -130,7 +130,7 @@ class JobService:
             raise GenerateError(400, "invalid_backend", str(exc)) from exc
         impl = TASK_IMPLS[request.task]
         started = time.perf_counter()
-        prepared = await asyncio.to_thread(impl.prepare, request, uploads, self.limits, spec)
+        prepared = await run_offline(impl.prepare, request, uploads, self.limits, spec)
         return prepared, (time.perf_counter() - started) * 1000.0
 
     # -- running ----------------------------------------------------------------------
@@ -142,7 +142,8 @@ class JobService:
         spec = self.resolve(request)
         prepared, inputs_ms = await self.prepare(request, spec, uploads or {})
         if not self._dir_ready:
-            await asyncio.to_thread(self.artifacts.ensure_dir)
+            await run_offline(self.artifacts.ensure_dir)
+            await run_offline(self.artifacts.sweep)  # what expired while the server was down
             self._dir_ready = True
         job = self.store.add(request, spec.id, mode=mode)
         job.task = asyncio.create_task(self._run(job, spec, prepared, inputs_ms), name=job.id)

@@ -36,7 +36,7 @@ from omnistream.jobs.inputs import (
     media_bytes,
     text_input,
 )
-from omnistream.jobs.runtime import RunContext
+from omnistream.jobs.runtime import RunContext, run_offline
 from omnistream.jobs.schemas import Artifact, GenerateRequest
 
 DEFAULT_WIDTH = 416
@@ -352,8 +352,8 @@ async def run_audio2video(ctx: RunContext, prepared: Prepared) -> list[Artifact]
 
 
 def asyncio_thread(fn: Callable[..., float], *args: Any) -> Awaitable[float]:
-    """Start ``fn`` in a worker thread now and return something to await later."""
-    return asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    """Start ``fn`` on the offline pool now and return something to await later."""
+    return asyncio.ensure_future(run_offline(fn, *args))
 
 
 # -- audio2text --------------------------------------------------------------------------

@@ -269,7 +269,8 @@ class NativeConnection:
             await self.error("session_required", "No active session. Send 'session.create' first.")
             return
         session.cancel()
-        await self.emit(self.event("session.cancelled"))
+        # Report what was delivered before the cancel: the client's played position.
+        await self.emit(self.event("session.cancelled", metrics=self._summary()))
         await self.emit(self.event("finish", metrics=self._summary(), message="cancelled"))
 
     async def on_close(self) -> None:

@@ -226,7 +226,8 @@ async def open_stream(
     """
     try:
         runner = state.engine.runner(spec.id)
-        await runner.wait_ready(timeout=MODEL_LOAD_TIMEOUT_S)
+        if not runner.ready:  # skip the thread hop once loaded: it is on every request's path
+            await runner.wait_ready(timeout=MODEL_LOAD_TIMEOUT_S)
     except Exception as exc:
         raise TtsRequestError(
             503, "model_unavailable", f"Model '{spec.id}' could not be loaded: {exc}",
@@ -486,7 +487,7 @@ async def _text2audio(request: Request, path_model: str | None) -> Response:
     async def body_iter() -> AsyncIterator[bytes]:
         if audio_format == "wav":
             yield wav_header(rate)
-        async for chunk in stream.audio():
+        async for chunk in stream.audio_batches():
             yield chunk
 
     return _audio_response(state, stream, body_iter(), headers, media_type)
@@ -543,9 +544,12 @@ async def openai_speech(request: Request) -> Response:
     headers = _stream_headers(stream, spec, encoder.output_rate)
     stream.say(text)
 
+    # SSE events stay small (200 ms of audio at most) for clients that decode per event.
+    batch_bytes = OPENAI_RATE * 2 // 5 if stream_format == "sse" else 64 * 1024
+
     async def encoded() -> AsyncIterator[bytes]:
         try:
-            async for chunk in stream.audio():
+            async for chunk in stream.audio_batches(batch_bytes):
                 data = encoder.encode(chunk)
                 if data:
                     yield data

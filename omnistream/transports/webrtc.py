@@ -283,6 +283,19 @@ def check_offer_sdp(sdp: str, max_bytes: int) -> None:
             )
 
 
+def negotiated_codec(answer_sdp: str) -> str | None:
+    """The video codec an answer settled on (its first video payload type)."""
+    with contextlib.suppress(Exception):
+        for media in SessionDescription.parse(answer_sdp).media:
+            if media.kind == "video" and media.rtp.codecs:
+                mime = media.rtp.codecs[0].mimeType.lower()
+                for name, wanted in CODECS.items():
+                    if mime == wanted.lower():
+                        return name
+                return mime.split("/", 1)[-1]
+    return None
+
+
 def _ice_servers(state: AppState) -> list[RTCIceServer]:
     servers = []
     for entry in state.settings.webrtc_ice_servers:
@@ -456,12 +469,14 @@ async def _answer(state: AppState, request: Request) -> dict[str, Any]:
         state.sessions.release(session)
         await session.aclose("offer failed")
         raise
+    negotiated = negotiated_codec(pc.localDescription.sdp) or codec
+    session.metrics_sink.codec = negotiated
     return {
         "type": "answer",
         "sdp": pc.localDescription.sdp,
         "session_id": session.id,
         "model": model_id,
-        "codec": codec,
+        "codec": negotiated,
         "video": {"fps": config.fps, "width": config.width, "height": config.height},
         "audio": {"sample_rate": AUDIO_RATE, "codec": "opus"},
         "avatar": reference.info,
@@ -509,15 +524,15 @@ async def _connect(
         if track.kind == "audio":
             session.add_task(session.consume_mic(track), "mic")
 
+    # Transceivers made before the offer is applied take its m-lines, so the codec
+    # preference is in place when aiortc negotiates codecs (in setRemoteDescription).
+    video = pc.addTransceiver(session.video_track, direction="sendonly")
+    video.setCodecPreferences(_codec_preferences(codec))
+    pc.addTransceiver(session.audio_track, direction="sendrecv")
     try:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
     except Exception as exc:
         raise WebRTCError(400, "bad_sdp", f"The offer was refused: {exc}") from exc
-    video_sender = pc.addTrack(session.video_track)
-    pc.addTrack(session.audio_track)
-    for transceiver in pc.getTransceivers():
-        if transceiver.sender is video_sender:
-            transceiver.setCodecPreferences(_codec_preferences(codec))
     try:
         answer = await pc.createAnswer()
         await pc.setLocalDescription(answer)

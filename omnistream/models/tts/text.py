@@ -35,6 +35,7 @@ _CLAUSE_END = re.compile(r"[,;:—–][\"'”’)\]]*(?=\s)")
 
 DEFAULT_FIRST_WORDS = 6
 DEFAULT_MAX_CHARS = 180
+DEFAULT_RAMP_CHARS = 60
 
 
 def normalise_text(text: str) -> str:
@@ -75,13 +76,22 @@ class TextSegmenter:
             after this many words when neither comes sooner.
         max_chars: later segments are whole sentences up to this length; longer ones are
             split at clause punctuation, then between words.
+        ramp_chars: the second segment is at most this long, the third twice that, and so
+            on up to ``max_chars``. The audio already produced must cover the time the next
+            segment takes to synthesise while other streams share the runner; a short
+            first clause followed by a long sentence is where a busy server underruns.
     """
 
     def __init__(
-        self, *, first_words: int = DEFAULT_FIRST_WORDS, max_chars: int = DEFAULT_MAX_CHARS
+        self,
+        *,
+        first_words: int = DEFAULT_FIRST_WORDS,
+        max_chars: int = DEFAULT_MAX_CHARS,
+        ramp_chars: int = DEFAULT_RAMP_CHARS,
     ) -> None:
         self.first_words = max(1, first_words)
         self.max_chars = max(20, max_chars)
+        self.ramp_chars = max(20, min(ramp_chars, self.max_chars))
         self._buffer = ""
         self._emitted = 0
 
@@ -127,8 +137,9 @@ class TextSegmenter:
             return self._first_cut(buf, final)
         sentence = self._sentence_cut(buf, final)
         limit = sentence if sentence is not None else len(buf)
-        if limit > self.max_chars:
-            return self._split_long(buf, limit, final or sentence is not None)
+        max_chars = min(self.max_chars, self.ramp_chars << min(8, self._emitted - 1))
+        if limit > max_chars:
+            return self._split_long(buf, limit, final or sentence is not None, max_chars)
         return sentence
 
     def _first_cut(self, buf: str, final: bool) -> int | None:
@@ -165,19 +176,21 @@ class TextSegmenter:
                 return match.end()
         return None
 
-    def _split_long(self, buf: str, limit: int, complete: bool) -> int | None:
+    def _split_long(self, buf: str, limit: int, complete: bool, max_chars: int) -> int | None:
         """Cut an over-long sentence at its last clause boundary within ``max_chars``."""
-        window = buf[: self.max_chars + 1]
-        clauses = [m.end() for m in _CLAUSE_END.finditer(window) if m.end() >= self.max_chars // 3]
+        window = buf[: max_chars + 1]
+        clauses = [m.end() for m in _CLAUSE_END.finditer(window) if m.end() >= max_chars // 3]
         if clauses:
             return clauses[-1]
+        if complete and limit <= max_chars * 3 // 2:
+            return limit  # a word-boundary cut would strand a short tail: keep it whole
         spaces = [m.start() for m in re.finditer(r"\s", window)]
         if spaces and spaces[-1] > 0:
             return spaces[-1]
         # One word longer than max_chars: cut at the first space after it, if any yet.
-        space = re.search(r"\s", buf[self.max_chars :])
+        space = re.search(r"\s", buf[max_chars:])
         if space is not None:
-            return self.max_chars + space.start()
+            return max_chars + space.start()
         return limit if complete else None
 
 
