@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -54,7 +53,16 @@ def server(artifacts: Path, **env: str) -> Iterator[str]:
     port = free_port()
     environ = os.environ | {"OMNISTREAM_ARTIFACTS_DIR": str(artifacts)} | env
     proc = subprocess.Popen(
-        [sys.executable, "-m", "omnistream.cli", "serve", "--port", str(port), "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "omnistream.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
         env=environ,
     )
     url = f"http://127.0.0.1:{port}"
@@ -136,9 +144,13 @@ async def bench_task(
     }
 
 
-async def run_tasks(url: str, requests_c1: int, requests_c4: int, video_size: tuple[int, int]) -> dict[str, Any]:
+async def run_tasks(
+    url: str, requests_c1: int, requests_c4: int, video_size: tuple[int, int]
+) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        speech = await client.post("/v1/generate", json={"task": "text2audio", "inputs": {"prompt": TEXT}})
+        speech = await client.post(
+            "/v1/generate", json={"task": "text2audio", "inputs": {"prompt": TEXT}}
+        )
         speech.raise_for_status()
         out = speech.json()["outputs"][0]
         wav = (await client.get(out["url"])).content
@@ -199,7 +211,9 @@ async def live_session(ws_url: str, chunks: int, seed: int, ref_b64: str) -> dic
     return {"latencies": latencies, "lost": lost, "chunk_s": period}
 
 
-async def run_mix(url: str, sessions: int, chunks: int, with_job: bool, job_audio_b64: str) -> dict[str, Any]:
+async def run_mix(
+    url: str, sessions: int, chunks: int, with_job: bool, job_audio_b64: str
+) -> dict[str, Any]:
     ws_url = url.replace("http", "ws") + "/v1/audio2video/flashtalk"
     ref = base64.b64encode(
         resources.files("omnistream.assets").joinpath("default_avatar.jpg").read_bytes()
@@ -212,7 +226,11 @@ async def run_mix(url: str, sessions: int, chunks: int, with_job: bool, job_audi
             while not stop.is_set():
                 r = await client.post(
                     "/v1/generate",
-                    json={"task": "audio2video", "inputs": {"audio": job_audio_b64}, "async_run": True},
+                    json={
+                        "task": "audio2video",
+                        "inputs": {"audio": job_audio_b64},
+                        "async_run": True,
+                    },
                 )
                 r.raise_for_status()
                 job_ids.append(r.json()["id"])
@@ -256,7 +274,9 @@ async def run_mix(url: str, sessions: int, chunks: int, with_job: bool, job_audi
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("what", choices=["tasks", "mix", "all"])
     parser.add_argument("--requests-c1", type=int, default=5)
     parser.add_argument("--requests-c4", type=int, default=12)
@@ -272,7 +292,12 @@ def main() -> int:
     with server(artifacts) as url:
         if args.what in ("tasks", "all"):
             tasks = asyncio.run(run_tasks(url, args.requests_c1, args.requests_c4, (width, height)))
-            report = {"machine": info, "video_size": [width, height], "max_running_jobs": 2, **tasks}
+            report = {
+                "machine": info,
+                "video_size": [width, height],
+                "max_running_jobs": 2,
+                **tasks,
+            }
             (args.out / "offline_tasks.json").write_text(json.dumps(report, indent=2))
         if args.what in ("mix", "all"):
             tone = speech_like(16000 * 30, 99)

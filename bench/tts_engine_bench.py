@@ -220,6 +220,7 @@ def main() -> int:
     parser.add_argument("--out", default="bench/results/tts_engine.json")
     args = parser.parse_args()
 
+    load_before = os.getloadavg()
     port = _free_port()
     env = {**os.environ, "OMNISTREAM_LOG_LEVEL": "warning"}
     server = subprocess.Popen(
@@ -251,6 +252,8 @@ def main() -> int:
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
+            # Other work on the machine shows up in every figure: record it.
+            "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         },
         "streams": args.streams,
         "rounds": args.rounds,

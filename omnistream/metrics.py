@@ -150,3 +150,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
+        self.jobs_total = Counter(
+            "omnistream_jobs_total", "Offline jobs finished", ["task", "state"], registry=r
+        )
+        self.job_seconds = Histogram(
+            "omnistream_job_seconds",
+            "Offline job run time (started to finished)",
+            ["task"],
+            buckets=(0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0),
+            registry=r,
+        )

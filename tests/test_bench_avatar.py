@@ -27,8 +27,9 @@ SHORT = ["--duration", "1.0", "--chunk-samples", "3200"]
 
 def test_healthy_flashtalk_server_gives_complete_consistent_report(tmp_path: Path) -> None:
     with fake_avatar_server(AvatarBehaviour(render_s=0.01)) as fake:
-        args = ["avatar", "--url", fake.url, "--sessions", "3", *SHORT]
+        args = ["avatar", "--url", fake.url, "--sessions", "3", "--warmup", "1", *SHORT]
         rc, report, md = run_bench(args, tmp_path)
+        assert fake.connections == 4  # one unrecorded warm-up session, then the three
     assert rc == 0 and report is not None and md is not None
     assert_report_complete(report, "avatar")
     run = report["runs"][0]

@@ -375,10 +375,21 @@ def fake_tts_server(behaviour: TtsBehaviour | None = None) -> Iterator[str]:
 
 
 def run_bench(args: list[str], out: Path) -> tuple[int, dict[str, Any] | None, str | None]:
-    """Run ``omnistream bench …`` in-process; returns (exit status, report, markdown)."""
+    """Run ``omnistream bench …`` in-process; returns (exit status, report, markdown).
+
+    Unless a test sets them, the client's own timing bounds are relaxed: a loaded CI box
+    must not turn a test of server behaviour into a refusal (the refusal has its own test).
+    """
     from omnistream.cli import main
 
-    rc = main(["bench", *args, "--out", str(out), "--quiet"])
+    extra = []
+    if args[0] == "avatar" and "--max-pacing-error-ms" not in args:
+        extra = ["--max-pacing-error-ms", "1000"]
+    if args[0] == "tts" and "--max-loop-lag-ms" not in args:
+        extra = ["--max-loop-lag-ms", "1000"]
+    if "--warmup" not in args:
+        extra += ["--warmup", "0"]
+    rc = main(["bench", *args, *extra, "--out", str(out), "--quiet"])
     report_path = out / "report.json"
     if not report_path.exists():
         return rc, None, None

@@ -40,7 +40,8 @@ def test_healthy_stream_has_no_underruns(tmp_path: Path) -> None:
     b = TtsBehaviour(sample_rate=22050, chunk_ms=40, rtf=0.2, audio_ms=400)
     with fake_tts_server(b) as url:
         args = ["tts", "--url", url, "--streams", "3", "--requests", "2", "--text", "Hello."]
-        rc, report, md = run_bench(args, tmp_path)
+        rc, report, md = run_bench([*args, "--warmup", "1"], tmp_path)
+    assert len(b.requests) == 7  # one unrecorded warm-up request, then the six
     assert rc == 0 and report is not None and md is not None
     assert_report_complete(report, "tts")
     assert_tts_consistent(report)

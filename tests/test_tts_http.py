@@ -328,3 +328,18 @@ def test_capacity_refusal_and_tier_policy() -> None:
                 assert "retry-after" in refused.headers
         _wait_for(lambda: all(s.state != "active" for s in recent_streams(srv.state)))
         assert srv.state.sessions.live("tts") == []
+
+
+def test_offline_synthesis_matches_the_stream(server: RunningServer) -> None:
+    from omnistream.codecs.pcm import float32_to_s16le
+    from omnistream.sessions.tts import synthesize_with_engine
+
+    with httpx.Client(base_url=server.http, timeout=60) as client:
+        streamed = client.post(
+            "/v1/text2audio/stream", json={"text": SHORT_TEXT, "sample_rate": 16000}
+        ).content
+    audio, rate = asyncio.run(
+        synthesize_with_engine(server.state.engine, SHORT_TEXT, sample_rate=16000)
+    )
+    assert rate == 16000 and audio.dtype.name == "float32"
+    assert float32_to_s16le(audio) == streamed

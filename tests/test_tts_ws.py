@@ -66,6 +66,7 @@ async def test_speech_starts_before_the_text_is_complete(server: RunningServer) 
             "sample_rate": 16000,
             "chunk_ms": server.settings.tts_chunk_ms,
             "format": "pcm_s16le",
+            "pace_lead_ms": None,
         }
         # An LLM writes the first words; nothing else has been sent yet.
         for word in "Sure, I can help with that. Here".split():
@@ -114,6 +115,29 @@ async def test_cancel_stops_audio_and_synthesis(server: RunningServer) -> None:
         finish, audio, _ = await _until(ws, "finish")
         assert finish["state"] == "finished" and audio > 0
     del message
+
+
+async def test_paced_session_holds_audio_back_until_it_is_due(server: RunningServer) -> None:
+    async with websockets.connect(server.ws + URL) as ws:
+        created = await _create(ws, sample_rate=16000, pace_lead_ms=100)
+        assert created["pace_lead_ms"] == 100
+        await ws.send(json.dumps({"type": "text.delta", "text": "A paced reply. " * 30}))
+        await ws.send(json.dumps({"type": "text.done"}))
+        frames = 0
+        while frames < 5:
+            if isinstance(await asyncio.wait_for(ws.recv(), 30), bytes):
+                frames += 1
+        await ws.send(json.dumps({"type": "cancel"}))
+        cancelled, _, _ = await _until(ws, "cancelled")
+        stream = recent_streams(server.state)[-1]
+    # Far more audio was synthesised than was handed to the client.
+    sent_ms = cancelled["chunk_index"] * server.settings.tts_chunk_ms
+    assert sent_ms < cancelled["audio_ms"]
+    assert stream.audio_s * 1000 == cancelled["audio_ms"]
+    bad = None
+    async with websockets.connect(server.ws + URL) as ws:
+        bad = await _create(ws, pace_lead_ms=-5)
+    assert bad["code"] == "invalid_pace"
 
 
 async def test_disconnect_stops_synthesis(server: RunningServer) -> None:

@@ -321,6 +321,23 @@ def test_a_bad_chunk_fails_alone(model96: Wav2LipModel) -> None:
     assert isinstance(out[2], ValueError) and "not prepared by a Wav2Lip" in str(out[2])
 
 
+def test_padded_batches_render_the_same_frames(ckpt96: Path, model96: Wav2LipModel) -> None:
+    """The fixed batch sizes CUDA graphs need, exercised on the CPU: padding is invisible."""
+    padded = load_model("96", str(ckpt96), "cpu", {"pad_batches": True, "max_batch": 4})
+    try:
+        assert padded.buckets == (1, 2, 4)
+        request = PrepareRequest(_face(), 128, 160, "pad")
+        chunk = _chunk(padded.prepare(request), 0, 7, seed=11)  # 7 frames → calls of 4 + 3→4
+        reference = _chunk(model96.prepare(request), 0, 7, seed=11)
+        a, b = padded.render([chunk])[0], model96.render([reference])[0]
+        assert isinstance(a, ChunkResult) and isinstance(b, ChunkResult)
+        assert len(a.frames) == 7
+        for x, y in zip(a.frames, b.frames, strict=True):
+            assert np.abs(x.astype(int) - y.astype(int)).max() <= 2
+    finally:
+        padded.close()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_bf16_graphs_match_cpu(ckpt96: Path, model96: Wav2LipModel) -> None:
     gpu = load_model("96", str(ckpt96), "cuda")

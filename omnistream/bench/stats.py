@@ -47,6 +47,25 @@ def describe(values: Iterable[float], digits: int = 2) -> dict[str, Any]:
     }
 
 
+CLIENT_SLIP_FRACTION = 0.05
+"""Share of a client's timing samples that may exceed its bound before it is 'behind'."""
+
+
+def client_slipped(values: Iterable[float], bound: float) -> tuple[bool, int, int]:
+    """Whether a client's timing samples say it fell behind.
+
+    One preempted wake-up on a shared machine does not invalidate a run (latency is
+    measured from the actual send), but a client that is late again and again does:
+    behind means at least two samples, and more than 5 % of them, over ``bound``.
+
+    Returns:
+        ``(behind, samples over the bound, samples)``.
+    """
+    data = list(values)
+    over = sum(1 for v in data if v > bound)
+    return over >= 2 and over > CLIENT_SLIP_FRACTION * len(data), over, len(data)
+
+
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
     """numerator / denominator, or None when either is missing or the divisor is 0."""
     if numerator is None or denominator is None or denominator == 0:

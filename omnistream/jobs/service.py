@@ -195,6 +195,12 @@ class JobService:
                 await self._run_started(job, spec, prepared, inputs_ms)
         except asyncio.CancelledError:
             self._finish_cancelled(job, "cancelled")
+        finally:
+            metrics = self.state.metrics
+            metrics.jobs_total.labels(job.request.task, job.state).inc()
+            if job.started_at_ms is not None and job.finished_at_ms is not None:
+                seconds = (job.finished_at_ms - job.started_at_ms) / 1000.0
+                metrics.job_seconds.labels(job.request.task).observe(seconds)
 
     async def _run_started(
         self, job: Job, spec: ModelSpec, prepared: Prepared, inputs_ms: float

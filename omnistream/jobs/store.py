@@ -12,6 +12,7 @@ import asyncio
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from typing import Any
 
 from omnistream.jobs.errors import GenerateError
@@ -79,7 +80,11 @@ class Job:
         changed.set()
         return record
 
-    async def follow(self, start: int = 0) -> Any:
+    def changed(self) -> asyncio.Event:
+        """An event set at the next :meth:`emit` (take it, then check, then wait)."""
+        return self._changed
+
+    async def follow(self, start: int = 0) -> AsyncIterator[JobEvent]:
         """Yield every event from ``start`` on, then new ones, until the terminal event."""
         index = start
         while True:

@@ -39,10 +39,16 @@ from typing import Any, Literal
 import numpy as np
 
 from omnistream.codecs.pcm import FloatAudio, PcmChunker, StreamResampler, float32_to_s16le
+from omnistream.engine.engine import Engine
 from omnistream.engine.runner import ModelRunner, Priority, RunnerClosed, StaleWork
 from omnistream.metrics import Metrics
 from omnistream.models.tts.base import SynthRequest, SynthResult
-from omnistream.models.tts.text import DEFAULT_FIRST_WORDS, DEFAULT_MAX_CHARS, TextSegmenter
+from omnistream.models.tts.text import (
+    DEFAULT_FIRST_WORDS,
+    DEFAULT_MAX_CHARS,
+    TextSegmenter,
+    normalise_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -242,8 +248,8 @@ class TtsStream:
         return len(segments)
 
     def say(self, text: str) -> None:
-        """The whole text at once (HTTP): push it and finish."""
-        self.push_text(text)
+        """The whole text at once (HTTP): normalise it as a whole, push it and finish."""
+        self.push_text(normalise_text(text))
         self.end_text()
 
     def _queue_segments(self, segments: list[str]) -> None:
@@ -616,3 +622,57 @@ async def synthesize_text(
         await stream.aclose("caller gone")
     audio = np.frombuffer(b"".join(parts), dtype="<f4").astype(np.float32)
     return audio, stream.out_rate
+
+
+async def synthesize_with_engine(
+    engine: Engine,
+    text: str,
+    *,
+    model_id: str = "hibari",
+    voice: str | None = None,
+    sample_rate: int | None = None,
+    speed: float = 1.0,
+    priority: Priority = Priority.OFFLINE,
+) -> tuple[FloatAudio, int]:
+    """Synthesise a whole text on the server's shared voice runner (offline jobs).
+
+    Looks the model up, starts (or reuses) its runner, and runs :func:`synthesize_text`
+    at ``priority`` (offline by default: it yields to live streams at every segment).
+    Convert with :func:`omnistream.codecs.pcm.float32_to_s16le` or
+    :func:`omnistream.codecs.audio_container.encode_all` for a file.
+
+    Args:
+        engine: the app's engine (``state.engine``).
+        text: the text; it is normalised and segmented like a live stream's.
+        model_id: a ``text2audio`` model id (``hibari``, ``espeak-ng``).
+        voice: one of the model's voices; ``None`` means its default.
+        sample_rate: output rate; ``None`` means the model's native rate.
+        speed: speaking-rate multiplier.
+        priority: ``Priority.OFFLINE`` or ``Priority.REALTIME``.
+
+    Returns:
+        ``(float32 mono samples, sample rate)``.
+
+    Raises:
+        KeyError: unknown model. ``ModelUnavailable``: it cannot load here.
+        ValueError: unknown voice. SynthesisFailed: the model failed.
+    """
+    spec = engine.spec(model_id)
+    voices = [v["id"] for v in spec.capabilities.get("voices", [])]
+    chosen = voice or str(spec.capabilities.get("default_voice", ""))
+    if chosen not in voices:
+        raise ValueError(f"voice {chosen!r} is not available for {model_id}: {voices}")
+    runner = engine.runner(model_id)
+    if not runner.ready:
+        await runner.wait_ready()
+    return await synthesize_text(
+        runner,
+        text,
+        model_id=model_id,
+        voice=chosen,
+        native_rate=int(spec.capabilities.get("sample_rate", 24000)),
+        sample_rate=sample_rate,
+        speed=speed,
+        priority=priority,
+        metrics=engine.metrics,
+    )

@@ -29,7 +29,7 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -41,6 +41,7 @@ from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
 from omnistream.codecs.pcm import StreamResampler
+from omnistream.engine.capacity import CapacityMeter
 from omnistream.engine.runner import ModelRunner, Priority, RunnerClosed, RunnerFull, StaleWork
 from omnistream.metrics import Metrics
 from omnistream.models.avatar_base import ChunkRequest, ChunkResult, RGBFrame
@@ -57,6 +58,7 @@ VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_RATE)
 AUDIO_TIME_BASE = fractions.Fraction(1, AUDIO_RATE)
 FIRST_FRAME_WAIT_S = 3.0  # how long the video track waits for the very first frame
 MAX_LATE_FRAMES = 2  # a video track this far behind its clock skips ahead
+MAX_LATE_AUDIO_FRAMES = 3  # an audio track this far behind skips silence to catch up
 LIPS_KEEP_S = 1.0  # lips audio kept behind the play position (model context)
 OPEN_MOUTH = 0.25  # model-reported openness that counts as an open mouth
 SPEECH_ONSET_LEVEL = 0.005  # about -46 dBFS: where an utterance's sound begins
@@ -229,6 +231,14 @@ class MediaTimeline:
         self._play[idx] = pcm[:n]
         self.write_end = max(self.write_end, position + n)
 
+    def is_silent(self, position: int, count: int) -> bool:
+        """Whether nothing was written for ``[position, position + count)``."""
+        if position >= self.write_end:
+            return True
+        n = min(count, len(self._play))
+        idx = (position + np.arange(n)) % len(self._play)
+        return not bool(np.any(self._play[idx]))
+
     def read_play(self, position: int, count: int) -> npt.NDArray[np.int16]:
         """Read and clear ``count`` samples at ``position`` (the audio track's job)."""
         size = len(self._play)
@@ -310,7 +320,9 @@ class Utterance:
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-async def trim_leading_silence(chunks: AsyncIterator[SpeechChunk]) -> AsyncIterator[SpeechChunk]:
+async def trim_leading_silence(
+    chunks: AsyncIterator[SpeechChunk],
+) -> AsyncGenerator[SpeechChunk, None]:
     """Drop the silence TTS models put before speech (about 300 ms for Kokoro).
 
     Nobody hears it, but it would count in the time from ``speak`` to sound and delay the
@@ -367,6 +379,17 @@ class SessionAudioTrack(MediaStreamTrack):
         await session.clock.wait_until(position)
         if self.readyState != "live":
             raise MediaStreamError
+        behind = session.clock.position() - position
+        if behind > MAX_LATE_AUDIO_FRAMES * AUDIO_FRAME_SAMPLES:
+            # The loop stalled. Sending the backlog in a burst would make the browser's
+            # jitter buffer grow (and its lip-sync lag) for seconds; silence can be
+            # skipped instead. Speech is never skipped: it plays late but whole.
+            skip = behind // AUDIO_FRAME_SAMPLES * AUDIO_FRAME_SAMPLES
+            if session.timeline.is_silent(position, skip):
+                session.timeline.read_play(position, skip)
+                session.audio_emitted(position, skip)
+                position += skip
+                session.stats.audio_frames_skipped += skip // AUDIO_FRAME_SAMPLES
         pcm = session.timeline.read_play(position, AUDIO_FRAME_SAMPLES)
         frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate = AUDIO_RATE
@@ -419,6 +442,7 @@ class SessionStats:
     frames_repeated: int = 0  # a frame was not rendered in time: the last one went again
     frames_skipped: int = 0  # the track fell behind its clock and skipped indices
     frames_dropped_render: int = 0  # rendered frames that were already past due
+    audio_frames_skipped: int = 0  # 20 ms of silence skipped after a stall
     render_ms: float = 0.0
     convert_ms: float = 0.0
     queue_ms: float = 0.0
@@ -472,6 +496,18 @@ class MetricsSink:
             self._m.webrtc_time_to_first_audio.observe(seconds)
 
 
+ENCODE_STAGE = "webrtc:encode"  # capacity meter: video encode CPU per frame
+CONVERT_STAGE = "webrtc:yuv"  # capacity meter: RGB → I420 CPU per frame
+
+
+@dataclass
+class EncodeMeters:
+    """Capacity meters a session feeds, so admission prices encoding, not just rendering."""
+
+    encode: CapacityMeter
+    convert: CapacityMeter
+
+
 @dataclass
 class WebRTCSessionConfig:
     """Per-session media settings, validated by the transport before a session exists."""
@@ -508,6 +544,7 @@ class WebRTCAvatarSession:
         capacity_stages: capacity meters that price this session's frames.
         model_windows: seconds of audio context before and lookahead after a chunk
             that the avatar model reads (its ``context_s`` and ``lookahead_s``).
+        meters: capacity meters for encode and colour conversion (``None``: not metered).
     """
 
     kind = "webrtc"
@@ -522,6 +559,7 @@ class WebRTCAvatarSession:
         metrics: Metrics | None = None,
         capacity_stages: list[str] | None = None,
         model_windows: tuple[float, float] = (0.2, 0.04),
+        meters: EncodeMeters | None = None,
         session_id: str | None = None,
     ) -> None:
         self.id = session_id or f"rtc_{uuid.uuid4().hex[:16]}"
@@ -531,6 +569,7 @@ class WebRTCAvatarSession:
         self.avatar = avatar
         self.synth = synth
         self.model_windows = model_windows
+        self.meters = meters
         self.mic_attached = False
         self.metrics_sink = MetricsSink(metrics, config.codec)
         self._capacity_stages = capacity_stages or []
@@ -555,6 +594,7 @@ class WebRTCAvatarSession:
         self._render_epoch = 0
         self._model_state: Any = None
         self._render_budget_s = 0.03
+        self._render_error_at = 0.0
         self._mark_epoch = 0
         self._marks: list[Mark] = []
         self._utterances: asyncio.Queue[Utterance] = asyncio.Queue(config.max_pending_utterances)
@@ -643,10 +683,9 @@ class WebRTCAvatarSession:
                 self._frame_ready.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._frame_ready.wait(), 0.05)
-        while frames and frames[0][0] < index:
+        while frames and frames[0][0] < index:  # rendered, but their slot has passed
             frames.popleft()
             self.stats.frames_dropped_render += 1
-            self.metrics_sink.frames_dropped(1)
         now = time.monotonic()
         content = self._last_index
         if frames and frames[0][0] == index:
@@ -704,6 +743,8 @@ class WebRTCAvatarSession:
         else:
             self.stats.encode_ms_video = wall_s * 1000.0
             self.stats.encode_cpu_ms_video = cpu_s * 1000.0
+            if self.meters is not None:
+                self.meters.encode.record(cpu_s, 1.0)
         self.metrics_sink.encode(kind, wall_s)
 
     # -- audio marks (events aligned with what is played) ----------------------------
@@ -1026,7 +1067,21 @@ class WebRTCAvatarSession:
                     await self.timeline.wait_changed(slack)
                     continue
                 count = 1  # out of time: draw with what has arrived
-            await self._render_chunk(n, count, context, look)
+            try:
+                await self._render_chunk(n, count, context, look)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # One failed chunk must not end the picture: report it (at most once a
+                # second), show the last frame again and carry on with the next chunk.
+                log.exception("rendering for %s failed", self.id)
+                now = time.monotonic()
+                if now - self._render_error_at > 1.0:
+                    self._render_error_at = now
+                    self.emit({"type": "error", "code": "render_failed",
+                               "message": f"Generate failed: {exc}"})
+                self._next_render = n + count
+                await asyncio.sleep(count / fps)
             if clock.started:
                 self.timeline.release_lips(
                     min(self.timeline.played, clock.position()) - int(LIPS_KEEP_S * AUDIO_RATE)
@@ -1073,7 +1128,9 @@ class WebRTCAvatarSession:
             return
         value: ChunkResult = result.value
         converted = time.monotonic()
-        frames = await asyncio.to_thread(_to_video_frames, value.frames)
+        frames, cpu_s = await asyncio.to_thread(_to_video_frames, value.frames)
+        if self.meters is not None and frames:
+            self.meters.convert.record(cpu_s, float(len(frames)))
         done = time.monotonic()
         if epoch != self._render_epoch or self.closed:
             return
@@ -1106,7 +1163,9 @@ class WebRTCAvatarSession:
                 "av_skew_ms": round(s.av_skew_ms, 1),
                 "delivered_fps": fps,
                 "frames_delivered": s.frames_delivered,
-                "dropped_frames": s.frames_repeated + s.frames_skipped + s.frames_dropped_render,
+                # Slots that did not show a frame rendered for them.
+                "dropped_frames": s.frames_repeated + s.frames_skipped,
+                "audio_frames_skipped": s.audio_frames_skipped,
                 "render_ms": round(s.render_ms, 2),
                 "queue_ms": round(s.queue_ms, 2),
                 "convert_ms": round(s.convert_ms, 2),
@@ -1129,8 +1188,12 @@ def _openness(result: ChunkResult, count: int) -> list[float]:
     return [value] * count
 
 
-def _to_video_frames(frames: list[RGBFrame]) -> list[av.VideoFrame]:
-    """RGB → I420 with OpenCV (fast, releases the GIL), wrapped as PyAV frames."""
+def _to_video_frames(frames: list[RGBFrame]) -> tuple[list[av.VideoFrame], float]:
+    """RGB → I420 with OpenCV (fast, releases the GIL), wrapped as PyAV frames.
+
+    Returns the frames and the thread CPU seconds spent (for admission control).
+    """
+    started = time.thread_time()
     out = []
     for rgb in frames:
         h, w = rgb.shape[:2]
@@ -1140,4 +1203,4 @@ def _to_video_frames(frames: list[RGBFrame]) -> list[av.VideoFrame]:
             cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2YUV_I420), dtype=np.uint8
         )
         out.append(av.VideoFrame.from_ndarray(i420, format="yuv420p"))
-    return out
+    return out, time.thread_time() - started

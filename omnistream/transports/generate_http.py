@@ -255,7 +255,7 @@ async def _event_stream(job: Job, start: int) -> AsyncIterator[bytes]:
                 return
         if job.done.is_set():
             return
-        waiter = job._changed  # the loop is single-threaded: nothing can slip in between
+        waiter = job.changed()  # the loop is single-threaded: nothing can slip in between
         try:
             await asyncio.wait_for(waiter.wait(), SSE_KEEPALIVE_S)
         except TimeoutError:

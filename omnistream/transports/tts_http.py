@@ -496,6 +496,44 @@ async def _text2audio(request: Request, path_model: str | None) -> Response:
 # -- OpenAI ----------------------------------------------------------------------------
 
 
+class _OffLoopEncoder:
+    """Runs a PyAV encoder in a worker thread, one call at a time (house rule 1).
+
+    An mp3 encode of a second of speech takes ~10 ms: too long for the event loop with
+    many streams live. Calls are shielded, so a client that disconnects mid-encode does
+    not close the codec under a thread still using it; :meth:`close` waits for it.
+    """
+
+    def __init__(self, encoder: StreamingAudioEncoder) -> None:
+        self._encoder = encoder
+        self._inline = encoder.format in ("pcm", "wav")  # byte copies: no thread hop
+        self._last: asyncio.Future[bytes] | None = None
+        self.output_rate = encoder.output_rate
+
+    async def _call(self, fn: Callable[..., bytes], *args: Any) -> bytes:
+        if self._inline:
+            return fn(*args)
+        self._last = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        return await asyncio.shield(self._last)
+
+    async def encode(self, pcm: bytes) -> bytes:
+        """Encode a piece of s16le PCM; returns the bytes produced so far."""
+        return await self._call(self._encoder.encode, pcm)
+
+    async def flush(self) -> bytes:
+        """Encode what the codec holds and close the container."""
+        return await self._call(self._encoder.flush)
+
+    def close(self) -> None:
+        """Release the codec once no thread uses it."""
+        last = self._last
+        if last is not None and not last.done():
+            last.add_done_callback(lambda _f: self._encoder.close())
+        else:
+            self._encoder.close()
+
+
+
 @router.get("/v1/models/tts")
 async def tts_voices(request: Request) -> dict[str, Any]:
     """Voice discovery: every usable TTS model with its voices and native rate."""
@@ -540,7 +578,7 @@ async def openai_speech(request: Request) -> Response:
     except TtsRequestError as exc:
         return error_response(state, route, exc)
 
-    encoder = StreamingAudioEncoder(fmt, OPENAI_RATE)
+    encoder = _OffLoopEncoder(StreamingAudioEncoder(fmt, OPENAI_RATE))
     headers = _stream_headers(stream, spec, encoder.output_rate)
     stream.say(text)
 
@@ -550,10 +588,10 @@ async def openai_speech(request: Request) -> Response:
     async def encoded() -> AsyncIterator[bytes]:
         try:
             async for chunk in stream.audio_batches(batch_bytes):
-                data = encoder.encode(chunk)
+                data = await encoder.encode(chunk)
                 if data:
                     yield data
-            tail = encoder.flush()
+            tail = await encoder.flush()
             if tail:
                 yield tail
         finally:

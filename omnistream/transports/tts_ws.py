@@ -3,7 +3,7 @@
 Client messages (JSON text frames)::
 
     {"type": "session.create", "model": "hibari", "voice": "heart", "sample_rate": 16000,
-     "speed": 1.0}
+     "speed": 1.0, "pace_lead_ms": 200}           # pace_lead_ms optional: see below
     {"type": "text.delta", "text": "Hello the"}      # any number, any fragment size
     {"type": "text.done"}                            # end of this utterance
     {"type": "cancel"}                               # stop speaking now (barge-in)
@@ -13,6 +13,10 @@ each), and JSON events ``session.created``, ``audio.started``, ``segment.done``,
 ``metrics`` (``first_audio_ms``, ``rtf``, ``chunk_index``, ``audio_ms``), ``finish``,
 ``cancelled`` and ``error`` (``code``, ``message``). Speech starts as soon as the first
 clause of the text has arrived, long before ``text.done``.
+
+Audio is sent as fast as it is synthesised unless ``pace_lead_ms`` is given: then it is
+sent at real time, at most that far ahead of the listener, so that ``cancel`` silences a
+player that plays frames as they come within the lead plus one chunk.
 
 An utterance is one :class:`~omnistream.sessions.tts.TtsStream`; after ``finish`` or
 ``cancelled`` the next ``text.delta`` starts a new one on the same socket. ``cancel``
@@ -52,6 +56,7 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 ROUTE = "text2audio.realtime"
+MAX_PACE_LEAD_MS = 10_000
 
 
 @dataclass
@@ -60,6 +65,7 @@ class _Config:
     voice: str
     rate: int
     speed: float
+    lead_ms: float | None = None
 
 
 @dataclass
@@ -149,10 +155,11 @@ async def _create(session: _Session, message: dict[str, Any]) -> None:
         voice = resolve_voice(spec, message.get("voice"))
         rate = check_sample_rate(message.get("sample_rate"), sample_rate(spec))
         speed = check_speed(message.get("speed"))
+        lead_ms = _check_lead(message.get("pace_lead_ms"))
     except TtsRequestError as exc:
         await session.error(exc.code, exc.message)
         return
-    session.config = _Config(spec, voice, rate, speed)
+    session.config = _Config(spec, voice, rate, speed, lead_ms)
     await session.send_json(
         {
             "type": "session.created",
@@ -161,8 +168,22 @@ async def _create(session: _Session, message: dict[str, Any]) -> None:
             "sample_rate": rate,
             "chunk_ms": state.settings.tts_chunk_ms,
             "format": "pcm_s16le",
+            "pace_lead_ms": lead_ms,
         }
     )
+
+
+def _check_lead(value: Any) -> float | None:
+    """``pace_lead_ms``: send audio at real time, at most this far ahead (None: unpaced)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+        0 <= value <= MAX_PACE_LEAD_MS
+    ):
+        raise TtsRequestError(
+            400, "invalid_pace", f"pace_lead_ms must be a number from 0 to {MAX_PACE_LEAD_MS}"
+        )
+    return float(value)
 
 
 async def _delta(session: _Session, message: dict[str, Any]) -> None:
@@ -204,6 +225,11 @@ async def _delta(session: _Session, message: dict[str, Any]) -> None:
 
 async def _send_audio(session: _Session, stream: TtsStream) -> None:
     """Forward one utterance's audio and events to the socket, in order."""
+    loop = asyncio.get_running_loop()
+    config = session.config
+    lead_s = None if config is None or config.lead_ms is None else config.lead_ms / 1000.0
+    started = loop.time()
+    sent_s = 0.0
     try:
         while True:
             try:
@@ -215,10 +241,19 @@ async def _send_audio(session: _Session, stream: TtsStream) -> None:
                 return
             if isinstance(item, bytes):
                 if session.chunks_sent == 0:
+                    started = loop.time()
                     await session.send_json(
                         {"type": "audio.started", "first_audio_ms": stream.first_audio_ms}
                     )
+                elif lead_s is not None:
+                    # Real-time pacing: a player without a deep buffer (or a cancel) never
+                    # has more than the lead of unplayed audio on its side.
+                    due = started + sent_s - lead_s
+                    delay = due - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
                 await session.send_bytes(item)
+                sent_s += len(item) / 2 / stream.out_rate
                 session.chunks_sent += 1
                 continue
             if item.type == "segment.done":

@@ -56,6 +56,9 @@ from omnistream.sessions.manager import CapacityExceeded
 from omnistream.sessions.tts import TtsEvent, TtsStream
 from omnistream.sessions.webrtc import (
     AUDIO_RATE,
+    CONVERT_STAGE,
+    ENCODE_STAGE,
+    EncodeMeters,
     SpeechChunk,
     WebRTCAvatarSession,
     WebRTCSessionConfig,
@@ -439,8 +442,12 @@ async def _answer(state: AppState, request: Request) -> dict[str, Any]:
         None,
         synth=speech,
         metrics=state.metrics,
-        capacity_stages=[f"{model_id}:infer"],
+        capacity_stages=[f"{model_id}:infer", ENCODE_STAGE, CONVERT_STAGE],
         model_windows=windows,
+        meters=EncodeMeters(
+            encode=state.engine.planner.meter(ENCODE_STAGE),
+            convert=state.engine.planner.meter(CONVERT_STAGE),
+        ),
     )
     # Admission first (nothing is prepared for a refused client), then the reference,
     # prepared once per image by the avatar service's cache.

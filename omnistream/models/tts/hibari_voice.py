@@ -113,3 +113,4 @@ class HibariVoice(VoiceModel):
                 parts.append(audio)
         audio = np.concatenate(parts) if parts else np.zeros(0, np.float32)
         return SynthResult(audio=audio, sample_rate=SAMPLE_RATE, samples=total, aborted=aborted)
+

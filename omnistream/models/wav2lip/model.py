@@ -106,6 +106,8 @@ class Wav2LipModel(AvatarModel):
         precision: ``auto`` (bf16/fp16 on CUDA, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``.
         cuda_graphs: capture a graph per padded batch size on CUDA.
         max_batch: frames per generator call (defaults by device and variant).
+        pad_batches: pad each call to the next of a few fixed sizes (default: on CUDA,
+            where graphs and cuDNN's per-shape autotuning want static shapes).
     """
 
     #: Audio before a frame's instant its window and FFT reach (see ``audio.CONTEXT_S``).
@@ -121,6 +123,7 @@ class Wav2LipModel(AvatarModel):
         precision: str = "auto",
         cuda_graphs: bool = True,
         max_batch: int | None = None,
+        pad_batches: bool | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.variant = net.layout.name
@@ -140,6 +143,7 @@ class Wav2LipModel(AvatarModel):
         self.max_batch_cost = float(self.max_batch)
         self.buckets = (*(b for b in CUDA_BUCKETS if b < self.max_batch), self.max_batch)
         self.use_graphs = bool(cuda_graphs and self.is_cuda)
+        self.pad_batches = self.is_cuda if pad_batches is None else bool(pad_batches)
         self._graphs: dict[int, _CudaGraph] = {}
         self._avatars: OrderedDict[tuple[str, int, int], Wav2LipAvatar] = OrderedDict()
         self._lock = threading.Lock()
@@ -212,12 +216,16 @@ class Wav2LipModel(AvatarModel):
         if owners:
             rendered = self.infer(np.concatenate(mels), [dev for _, dev, n in owners
                                                          for _ in range(n)])
+            total = int(rendered.shape[0])
             offset = 0
             for i, dev, n in owners:
                 frames = self._paste(dev, rendered[offset : offset + n])
                 offset += n
-                results[i] = ChunkResult(frames=frames, info={"frames": n})
-            self.last_batch_frames = offset
+                results[i] = ChunkResult(
+                    frames=frames,
+                    info={"frames": n, "batch_frames": total, "sessions_in_batch": len(owners)},
+                )
+            self.last_batch_frames = total
         return [r if r is not None else RuntimeError("chunk was not rendered") for r in results]
 
     def _check_avatar(self, avatar: Any) -> Wav2LipAvatar:
@@ -268,9 +276,15 @@ class Wav2LipModel(AvatarModel):
             for buf, level in zip(graph.feats, levels, strict=True):
                 buf[:n].copy_(level.index_select(0, idx))
             return graph.run(n)
+        if self.pad_batches:
+            bucket = next(b for b in self.buckets if b >= n)
+            if bucket > n:  # padding rows repeat the last frame; their output is dropped
+                fill = bucket - n
+                mel = torch.cat([mel, mel[-1:].expand(fill, -1, -1, -1)])
+                idx = torch.cat([idx, idx[-1:].expand(fill)])
         feats = [level.index_select(0, idx).contiguous(memory_format=torch.channels_last)
                  for level in levels]
-        return self.net.decode(self.net.encode_audio(mel), feats)
+        return self.net.decode(self.net.encode_audio(mel), feats)[:n]
 
     @torch.inference_mode()
     def _paste(self, dev: DeviceAvatar, pred: torch.Tensor) -> list[RGBFrame]:
@@ -323,4 +337,5 @@ def load_model(variant: str, path: str, device: str = "cpu",
         precision=str(options.get("precision", "auto")),
         cuda_graphs=bool(options.get("cuda_graphs", True)),
         max_batch=options.get("max_batch"),
+        pad_batches=options.get("pad_batches"),
     )
