@@ -139,6 +139,29 @@ async def one_stream(
     }
 
 
+def _first_audio_buckets(metrics: str) -> list[tuple[float, float]]:
+    """The server's cumulative first-audio histogram: (upper bound s, count)."""
+    out = []
+    prefix = 'omnistream_tts_first_audio_seconds_bucket{le="'
+    for line in metrics.splitlines():
+        if line.startswith(prefix) and 'model="hibari"' in line:
+            bound = line[len(prefix) :].split('"', 1)[0]
+            out.append((float(bound), float(line.rsplit(" ", 1)[1])))
+    return out
+
+
+def _bucket_quantiles(
+    before: list[tuple[float, float]], after: list[tuple[float, float]]
+) -> dict[str, float]:
+    """Upper bucket bounds (ms) holding the p50/p95 of the observations between scrapes."""
+    counts = [(bound, a - b) for (bound, b), (_, a) in zip(before, after, strict=True)]
+    total = counts[-1][1] if counts else 0
+    out: dict[str, float] = {"n": total}
+    for name, q in (("p50_le", 0.5), ("p95_le", 0.95)):
+        out[name] = next((b * 1000 for b, c in counts if total and c >= q * total), float("nan"))
+    return out
+
+
 def _cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process, all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -149,11 +172,20 @@ async def engine_runs(url: str, streams: int, rounds: int, pid: int) -> dict[str
     limits = httpx.Limits(max_connections=streams * 2, max_keepalive_connections=streams * 2)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
         await client.post("/v1/text2audio/warmup", json={"model": "hibari"})
-        for text in TEXTS:  # warm the connection pool and the G2P caches
+        for text in TEXTS:  # warm the G2P caches
             await one_stream(client, text)
+        # Open the pool's connections now: TTFA is measured on kept-alive connections.
+        await asyncio.gather(*(client.get("/health") for _ in range(streams)))
+        async def scrape() -> list[tuple[float, float]]:
+            return _first_audio_buckets((await client.get("/metrics")).text)
+
+        server_side: dict[str, dict[str, float]] = {}
+        h0 = await scrape()
         cpu_before = _cpu_s(pid)
         single = [await one_stream(client, t) for _ in range(rounds) for t in TEXTS]
         single_cpu = _cpu_s(pid) - cpu_before
+        h1 = await scrape()
+        server_side["single"] = _bucket_quantiles(h0, h1)
 
         async def concurrent(stagger_s: float) -> tuple[list[dict[str, float]], float]:
             results: list[dict[str, float]] = []
@@ -171,7 +203,10 @@ async def engine_runs(url: str, streams: int, rounds: int, pid: int) -> dict[str
         cpu_before = _cpu_s(pid)
         burst, burst_wall = await concurrent(0.0)
         burst_cpu = _cpu_s(pid) - cpu_before
+        h2 = await scrape()
+        server_side["burst"] = _bucket_quantiles(h1, h2)
         staggered, stag_wall = await concurrent(1.0)
+        server_side["staggered"] = _bucket_quantiles(h2, await scrape())
         metrics = (await client.get("/metrics")).text
 
     def block(results: list[dict[str, float]], wall: float | None = None) -> dict[str, Any]:
@@ -204,6 +239,9 @@ async def engine_runs(url: str, streams: int, rounds: int, pid: int) -> dict[str
         "burst": burst_block,
         "staggered": block(staggered, stag_wall),
         "server_underrun_counter": server_underruns,
+        # Text received -> first chunk ready, inside the server (histogram buckets):
+        # separates scheduling and synthesis from HTTP and client time.
+        "server_first_audio_ms": server_side,
     }
 
 

@@ -61,6 +61,11 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def dark_share(pixels: np.ndarray) -> float:
+    """Share of near-black pixels (the open mouth's cavity) in an RGB region."""
+    return float((pixels.mean(axis=-1) < 60).mean())
+
+
 def summary(values: list[float]) -> dict[str, float]:
     if not values:
         return {}
@@ -103,6 +108,7 @@ async def _latency_runs(url: str, runs: int, width: int, height: int, codec: str
         idle = np.stack([f[y : y + h, x : x + w].astype(np.float32) for _, f in recent])
         reference = idle.mean(axis=0)
         idle_noise = float(np.abs(idle - reference).mean(axis=(1, 2, 3)).max())
+        idle_dark = max(dark_share(f) for f in idle)
         sent = time.monotonic()
         client.send({"type": "speak", "text": TEXTS[i % len(TEXTS)]})
         started = await client.wait_event("speech.started", within=30, after=sent)
@@ -114,16 +120,20 @@ async def _latency_runs(url: str, runs: int, width: int, height: int, codec: str
         audio_at = next((t for t, rms in client.audio_frames if t > sent and rms > 0.01), None)
         last_loud = [t for t, rms in client.audio_frames if t > stop and rms > 0.01]
         threshold = max(4.0, 4 * idle_noise)
-        moving = []
+        moving, open_at = [], []
         for t, frame in client.frames:
             if t <= sent:
                 continue
             mouth = frame[y : y + h, x : x + w].astype(np.float32)
             if float(np.abs(mouth - reference).mean()) > threshold:
                 moving.append(t)
+            # An open mouth shows its dark cavity; a closed one does not (head sway
+            # moves pixels but adds no dark ones), so this tells when the lips shut.
+            if dark_share(mouth) > idle_dark + 0.01:
+                open_at.append(t)
         mouth_at = moving[0] if moving else None
         sound_stop.append(((last_loud[-1] - stop) * 1000) if last_loud else 0.0)
-        after_stop = [t for t in moving if t > stop]
+        after_stop = [t for t in open_at if t > stop]
         lips_stop.append(((after_stop[-1] - stop) * 1000) if after_stop else 0.0)
         if audio_at is not None:
             to_audio.append((audio_at - sent) * 1000)
@@ -145,6 +155,8 @@ async def _latency_runs(url: str, runs: int, width: int, height: int, codec: str
         "mouth_onset_minus_audio_onset_ms": summary(onset_skew),
         "interrupt_to_last_speech_audio_packet_ms": summary(sound_stop),
         "interrupt_to_last_open_mouth_frame_ms": summary(lips_stop),
+        "note": "interrupt figures: arrival at the viewer of the last speech packet / last "
+        "frame with an open mouth (dark cavity), after the interrupt was sent",
         "server_speak_to_first_audio_sent_ms": summary(server_ttfa),
         "server_speak_to_first_open_mouth_sent_ms": summary(server_ttfv),
         "last_server_metrics": last,

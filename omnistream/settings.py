@@ -61,7 +61,7 @@ class Settings(BaseSettings):
         description="Model names (OpenAI's included) that mean the default TTS model.",
     )
     tts_replicas: int = Field(0, ge=0, description="hibari runner threads; 0 = cores")
-    tts_chunk_ms: int = Field(20, ge=10, le=100, description="PCM chunk length sent to clients")
+    tts_chunk_ms: int = Field(20, ge=20, le=40, description="PCM chunk length sent to clients")
     tts_buffer_ms: int = Field(
         2000, ge=100, description="Audio a stream may synthesise ahead of its reader"
     )

@@ -120,3 +120,15 @@ def test_project_scenarios_use_known_options() -> None:
         defaults = TTS_DEFAULTS if path.name.startswith("tts") else AVATAR_DEFAULTS
         opts = resolve_options(argparse.Namespace(scenario=str(path)), defaults)
         assert set(opts) == set(defaults), path.name
+
+
+def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from omnistream.cli import main
+
+    assert main(["bench", "avatar", "--quiet"]) == 2
+    assert "--url is required" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[options]\nsesions = 3\n")
+    assert main(["bench", "tts", "--url", "http://x", "--scenario", str(bad)]) == 2
+    assert "unknown option(s) ['sesions']" in capsys.readouterr().err
+    assert main(["bench", "avatar", "--url", "ws://x/", "--audio", str(tmp_path / "no.wav")]) == 2

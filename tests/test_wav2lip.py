@@ -399,6 +399,20 @@ def test_flashtalk_session_on_wav2lip_96(ckpt96: Path, tmp_path: Path) -> None:
         finally:
             await ws.close()
 
+        # Offline audio2video runs on the same resident model (offline priority).
+        from tests.jobs_helpers import b64, tone
+
+        async with httpx.AsyncClient(timeout=120) as client:
+            r = await client.post(http_url + "/v1/generate", json={
+                "task": "audio2video", "model": "wav2lip-96",
+                "inputs": {"audio": b64(tone(0.4))},
+                "config": {"width": 96, "height": 128, "fps": 25},
+            })
+        assert r.status_code == 200, r.text
+        (video,) = r.json()["outputs"]
+        assert (video["width"], video["height"], video["num_frames"]) == (96, 128, 10)
+        assert r.json()["metadata"]["model"] == "wav2lip-96"
+
         # A broken checkpoint for another variant: init fails clearly, server keeps going.
         ws = await connect(ws_url + "/v1/audio2video/wav2lip-256")
         try:
@@ -415,7 +429,7 @@ def test_flashtalk_session_on_wav2lip_96(ckpt96: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken-256.pth"
     torch.save([1, 2, 3], broken)
     with run_server(wav2lip_96_path=str(ckpt96), wav2lip_256_path=str(broken),
-                    avatar_model="wav2lip-96") as srv:
+                    avatar_model="wav2lip-96", artifacts_dir=str(tmp_path / "out")) as srv:
         asyncio.run(scenario(srv.ws, srv.http))
 
 

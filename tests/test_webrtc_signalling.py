@@ -201,6 +201,7 @@ async def test_bad_data_channel_messages_get_errors_and_the_session_survives(
             ({"type": "speak", "text": "x" * 201}, "text_too_long"),
             ("not json", "bad_json"),
             ({"type": "dance"}, "unsupported_message"),
+            ({"type": "speak", "text": "hi", "voice": "nobody"}, "invalid_voice"),
             (b"\x00\x01", "unsupported_message"),
         ]
         for message, code in cases:
@@ -358,6 +359,14 @@ async def test_capacity_is_shared_and_refusals_say_when_to_retry() -> None:
         finally:
             await second.close()
             await first.close()
+
+
+def test_ice_servers_come_from_settings() -> None:
+    stun = [{"urls": "stun:stun.example.org:3478"}]
+    with run_server(webrtc_ice_servers=stun, webrtc_codec="h264") as srv:
+        config = httpx.get(srv.http + "/v1/webrtc/config").json()
+    assert config["iceServers"] == stun
+    assert config["defaults"]["codec"] == "h264"
 
 
 def test_demo_page_and_config_are_served(rtc_server: RunningServer) -> None:

@@ -101,6 +101,7 @@ TTS_DEFAULTS: dict[str, Any] = {
     "voice": None,
     "sample_rate": None,
     "prebuffer_ms": 0.0,
+    "stagger_ms": 0.0,
     "compare": None,
     "rounds": 1,
     "connect_timeout": 10.0,
@@ -205,6 +206,7 @@ def register(subparsers: Any) -> None:
     t("--voice")
     t("--sample-rate", type=int, help="rate asked of text2audio (default: the server's)")
     t("--prebuffer-ms", type=float, help="audio a simulated player buffers first (default 0)")
+    t("--stagger-ms", type=float, help="delay between stream starts (default 0: all at once)")
     t("--compare", metavar="URL2", help="also run the same scenario against URL2, alternating")
     t("--rounds", type=int, help="alternating rounds per target with --compare (default 1)")
     t("--connect-timeout", type=float)
@@ -592,6 +594,7 @@ def tts_scenario(opts: dict[str, Any], url: str) -> TtsScenario:
         read_timeout_s=float(opts["read_timeout"]),
         total_timeout_s=float(opts["total_timeout"]),
         prebuffer_ms=float(opts["prebuffer_ms"]),
+        stagger_s=float(opts["stagger_ms"]) / 1000,
         max_loop_lag_ms=float(opts["max_loop_lag_ms"]),
     )
     if opts["text"]:

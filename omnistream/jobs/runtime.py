@@ -191,7 +191,7 @@ class RunContext:
         if self.job.cancel_requested:
             raise JobCancelled(self.job.id)
 
-    async def submit(self, payload: Any, *, cost: float = 1.0) -> WorkResult[Any]:
+    async def submit(self, payload: Any, *, cost: float | None = None) -> WorkResult[Any]:
         """Run one step on the shared runner at offline priority.
 
         Returns as soon as the step is done, or raises :class:`JobCancelled` as soon as a

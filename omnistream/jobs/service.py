@@ -28,7 +28,7 @@ from omnistream.jobs.schemas import (
     RunReport,
 )
 from omnistream.jobs.store import Job, JobStore, now_ms
-from omnistream.jobs.tasks import TASK_IMPLS, Prepared, ReferenceCache
+from omnistream.jobs.tasks import TASK_IMPLS, Prepared
 from omnistream.transports.state import AppState, ModelAccessError
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,6 @@ class JobService:
             roots=[Path(r) for r in settings.input_roots],
             artifacts_dir=self.artifacts.directory,
         )
-        self.references = ReferenceCache()
         self.base_url = ""
         self._dir_ready = False
 

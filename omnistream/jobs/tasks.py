@@ -15,7 +15,6 @@ import asyncio
 import hashlib
 import json
 import wave
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -46,7 +45,6 @@ AVATAR_STEP_S = 1.0
 AVATAR_CONTEXT_S = 0.2
 AVATAR_LOOKAHEAD_S = 0.04
 WHISPER_PIECE_S = 28.0
-REFERENCE_CACHE_SIZE = 16
 
 
 @dataclass
@@ -58,6 +56,7 @@ class Prepared:
     audio: FloatAudio = field(default_factory=lambda: np.zeros(0, np.float32))
     image: npt.NDArray[np.uint8] | None = None
     image_hash: str = ""
+    image_bytes: bytes = b""
     options: dict[str, Any] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -150,36 +149,59 @@ def prepare_text2audio(
 async def run_text2audio(ctx: RunContext, prepared: Prepared) -> list[Artifact]:
     """Synthesise the text through the TTS runner at offline priority, then write a WAV.
 
-    ``synthesize_text`` (the TTS sessions' offline entry point) submits one segment per
-    step, so live TTS streams overtake the job at every segment; a cancel stops it by
-    cancelling the synthesis, which closes its stream and drops its queued segments.
+    The TTS sessions' own stream (the one ``synthesize_text`` wraps) submits one segment
+    per step, so live TTS streams overtake the job at every segment; progress is reported
+    per finished segment, and a cancel closes the stream, which drops its queued segments.
     """
-    from omnistream.sessions.tts import synthesize_text
+    from omnistream.sessions.tts import TtsStream
 
     async with ctx.stage("load"):
         await ctx.runner.wait_ready()
-    native_rate = int(ctx.spec.capabilities.get("sample_rate", 24000))
-    async with ctx.stage("synthesize", characters=len(prepared.text)):
-        synthesis = asyncio.ensure_future(
-            synthesize_text(
-                ctx.runner,
-                prepared.text,
-                model_id=ctx.spec.id,
-                voice=prepared.options["voice"],
-                native_rate=native_rate,
-                sample_rate=prepared.options.get("sample_rate"),
-                speed=prepared.options["speed"],
-                priority=Priority.OFFLINE,
-            )
-        )
-        audio, rate = await ctx.await_cancellable(synthesis)
-        ctx.steps += 1
-        ctx.progress("synthesize", len(prepared.text), len(prepared.text))
+    stream = TtsStream(
+        ctx.runner,
+        model_id=ctx.spec.id,
+        voice=prepared.options["voice"],
+        native_rate=int(ctx.spec.capabilities.get("sample_rate", 24000)),
+        out_rate=prepared.options.get("sample_rate"),
+        speed=prepared.options["speed"],
+        priority=Priority.OFFLINE,
+        chunk_ms=100,
+        buffer_ms=60_000,
+        sample_format="f32le",
+        metrics=ctx.services.state.metrics,
+        max_pending_chars=len(prepared.text) + 1,
+    )
+    parts: list[bytes] = []
+
+    async def consume() -> None:
+        stream.say(prepared.text)
+        total = max(1, stream.segments_queued)
+        reported = 0
+        while True:
+            item = await stream.read()
+            if item is None:
+                break
+            if isinstance(item, bytes):
+                parts.append(item)
+            done = sum(1 for e in stream.events if e.type == "segment.done")
+            if done > reported:
+                reported = done
+                ctx.steps = done
+                ctx.progress("synthesize", done, total)
+
+    try:
+        async with ctx.stage("synthesize", characters=len(prepared.text)):
+            await ctx.await_cancellable(asyncio.ensure_future(consume()))
+    finally:
+        await stream.aclose("offline job ended")
+    rate = stream.out_rate
+    audio = np.frombuffer(b"".join(parts), dtype="<f4").astype(np.float32)
     if audio.size == 0:
         raise GenerateError(400, "missing_input", "Input 'prompt' has nothing to speak.")
     async with ctx.stage("encode"):
         reservation = ctx.reserve(".wav")
         await ctx.blocking(_write_wav, str(reservation.part_path), audio, rate)
+    ctx.extra["rtf"] = round(stream.rtf, 4)
     return [
         Artifact(
             kind="audio",
@@ -220,26 +242,8 @@ def prepare_audio2video(
     out.sources["image"] = media.source if media is not None else "default"
     out.image = decode_image_input(data, "image", limits)
     out.image_hash = hashlib.sha256(data).hexdigest()
+    out.image_bytes = data
     return out
-
-
-class ReferenceCache:
-    """Prepared avatar references by (model, image hash, size): one preparation per image."""
-
-    def __init__(self, capacity: int = REFERENCE_CACHE_SIZE) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[tuple[str, str, int, int], Any] = OrderedDict()
-
-    def get(self, key: tuple[str, str, int, int]) -> Any:
-        value = self._items.get(key)
-        if value is not None:
-            self._items.move_to_end(key)
-        return value
-
-    def put(self, key: tuple[str, str, int, int], value: Any) -> None:
-        self._items[key] = value
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
 
 
 async def run_audio2video(ctx: RunContext, prepared: Prepared) -> list[Artifact]:
@@ -249,30 +253,30 @@ async def run_audio2video(ctx: RunContext, prepared: Prepared) -> list[Artifact]
     audio written is cut to exactly the video's frame count so both streams end together.
     """
     from omnistream.codecs.mp4 import Mp4Writer, frames_for_samples
-    from omnistream.models.avatar_base import ChunkRequest, PrepareRequest
+    from omnistream.models.avatar_base import ChunkRequest
 
     width, height, fps = (prepared.options[k] for k in ("width", "height", "fps"))
     sr = AUDIO_SAMPLE_RATE
     assert prepared.image is not None
     async with ctx.stage("load"):
         await ctx.runner.wait_ready()
-    cache: ReferenceCache = ctx.services.references
-    key = (ctx.spec.id, prepared.image_hash, width, height)
+    avatars = ctx.services.state.avatars
     async with ctx.stage("prepare"):
-        avatar = cache.get(key)
-        if avatar is not None:
+        # The same cache live sessions use: an image a live session already prepared
+        # (or that another job prepared) is not prepared again.
+        misses = avatars.references.misses
+        reference = await avatars.reference(
+            ctx.spec.id,
+            ctx.runner,
+            prepared.image_bytes,
+            width=width,
+            height=height,
+            image=prepared.image,
+            priority=Priority.OFFLINE,
+        )
+        if avatars.references.misses == misses:
             ctx.cache_hits.append(f"avatar_reference:{prepared.image_hash[:12]}")
-        else:
-            result = await ctx.submit(
-                PrepareRequest(
-                    image=prepared.image,
-                    width=width,
-                    height=height,
-                    content_hash=prepared.image_hash,
-                )
-            )
-            avatar = result.value
-            cache.put(key, avatar)
+        avatar = reference.prepared
     total_frames = frames_for_samples(len(prepared.audio), sr, fps)
     audio = prepared.audio[: round(total_frames * sr / fps)]
     reservation = ctx.reserve(".mp4")

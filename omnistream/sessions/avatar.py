@@ -425,15 +425,13 @@ class AvatarService:
         """
         runner = self.engine.runner(model_id, backend)
         data = image_bytes if image_bytes is not None else default_avatar_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        key = (model_id, digest, geometry.width, geometry.height)
         placeholder = _Pending(model_id, float(geometry.fps))
         if admit:
             self.sessions.admit(placeholder)  # raises CapacityExceeded
         try:
             await runner.wait_ready()
-            reference = await self.references.get(
-                key, lambda: self._prepare(runner, key, data, geometry)
+            reference = await self.reference(
+                model_id, runner, data, width=geometry.width, height=geometry.height
             )
         except BaseException:
             self.sessions.release(placeholder)
@@ -447,20 +445,43 @@ class AvatarService:
             self.sessions.admit_unchecked(session)
         return session
 
-    async def _prepare(
-        self, runner: ModelRunner, key: tuple[str, str, int, int], data: bytes, g: ChunkGeometry
+    async def reference(
+        self,
+        model_id: str,
+        runner: ModelRunner,
+        data: bytes,
+        *,
+        width: int,
+        height: int,
+        image: RGBFrame | None = None,
+        priority: Priority = Priority.REALTIME,
     ) -> Reference:
-        settings = self.settings
-        image: RGBFrame = await asyncio.to_thread(
-            decode_image, data, settings.max_image_bytes, settings.max_image_pixels
-        )
-        result = await runner.submit(
-            PrepareRequest(image=image, width=g.width, height=g.height, content_hash=key[1]),
-            priority=Priority.REALTIME,
-        )
-        prepared = result.value
-        info = dict(getattr(prepared, "info", {}) or {})
-        return Reference(key=key, prepared=prepared, info=info)
+        """The prepared reference for an image, prepared once and shared by every user.
+
+        Live sessions and offline jobs share this cache: the key is the model, the image
+        bytes' SHA-256 and the output size. ``image`` skips decoding when the caller has
+        already decoded ``data``; ``priority`` lets an offline job prepare without
+        overtaking live work.
+        """
+        digest = hashlib.sha256(data).hexdigest()
+        key = (model_id, digest, width, height)
+
+        async def build() -> Reference:
+            settings = self.settings
+            decoded = image
+            if decoded is None:
+                decoded = await asyncio.to_thread(
+                    decode_image, data, settings.max_image_bytes, settings.max_image_pixels
+                )
+            result = await runner.submit(
+                PrepareRequest(image=decoded, width=width, height=height, content_hash=digest),
+                priority=priority,
+            )
+            prepared = result.value
+            info = dict(getattr(prepared, "info", {}) or {})
+            return Reference(key=key, prepared=prepared, info=info)
+
+        return await self.references.get(key, build)
 
     def release(self, session: AvatarSession) -> None:
         """Free the session's slot (idempotent)."""

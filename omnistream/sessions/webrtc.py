@@ -852,6 +852,9 @@ class WebRTCAvatarSession:
         self._marks.clear()
         self.timeline.streaming = False
         self.timeline.clear_from(cut)
+        # Start the model afresh (its state is opaque; None is always valid) so the
+        # mouth closes on the next frame instead of easing shut over a third of a second.
+        self._model_state = None
         self._rewind(frame_at(cut, self.fps) + 1)
         if utt is not None and not utt.done.is_set():
             sent = self.timeline.played

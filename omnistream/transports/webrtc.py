@@ -127,7 +127,7 @@ class WebRTCRuntime:
     async def aclose(self) -> None:
         for session in list(self.sessions.values()):
             with contextlib.suppress(Exception):
-                await session.aclose("server shutting down")
+                await session.expire("server shutting down")
 
 
 def runtime(state: AppState) -> WebRTCRuntime:
@@ -152,11 +152,19 @@ class TtsSpeech:
     when that audio plays.
     """
 
-    def __init__(self, state: AppState, model_id: str, voice: str, native_rate: int) -> None:
+    def __init__(
+        self,
+        state: AppState,
+        model_id: str,
+        voice: str,
+        native_rate: int,
+        voices: list[str] | None = None,
+    ) -> None:
         self.state = state
         self.model_id = model_id
         self.voice = voice
         self.native_rate = native_rate
+        self.voices = voices or [voice]
 
     async def stream(self, text: str, voice: str | None) -> AsyncIterator[SpeechChunk]:
         settings = self.state.settings
@@ -238,7 +246,7 @@ def _speech_for(state: AppState, tts_model: str | None, voice: str | None) -> Tt
             400, "invalid_voice", f"Unknown voice '{chosen}' for {model_id}: {', '.join(voices)}"
         )
     state.engine.runner(model_id)  # start loading now, not on the first ``speak``
-    return TtsSpeech(state, model_id, chosen, sample_rate(spec))
+    return TtsSpeech(state, model_id, chosen, sample_rate(spec), voices or [chosen])
 
 
 # -- offer validation ---------------------------------------------------------------
@@ -733,8 +741,10 @@ class Control:
             self.error("tts_unavailable", "No text-to-speech model is available on this server.")
             return
         voice = data.get("voice")
-        if voice is not None and not isinstance(voice, str):
-            self.error("invalid_voice", "'voice' must be a string.")
+        synth = self.session.synth
+        voices = getattr(synth, "voices", None) or []
+        if voice is not None and (not isinstance(voice, str) or (voices and voice not in voices)):
+            self.error("invalid_voice", f"Unknown voice {voice!r}; available: {', '.join(voices)}")
             return
         try:
             utt = self.session.speak(text, voice)
