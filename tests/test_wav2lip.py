@@ -423,6 +423,13 @@ def test_flashtalk_session_on_wav2lip_96(ckpt96: Path, tmp_path: Path) -> None:
             assert "not a state dict" in error["message"]
         finally:
             await ws.close()
+        # A variant without weights is refused at the handshake, saying why.
+        import websockets
+
+        with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+            await connect(ws_url + "/v1/audio2video/wav2lip-384")
+        assert refused.value.response.status_code == 503
+        assert b"no checkpoint configured" in refused.value.response.body
         async with httpx.AsyncClient() as client:
             assert (await client.get(http_url + "/health")).status_code == 200
 

@@ -361,6 +361,30 @@ async def test_capacity_is_shared_and_refusals_say_when_to_retry() -> None:
             await first.close()
 
 
+async def test_webrtc_and_websocket_avatars_share_the_session_limit() -> None:
+    from tests.avatar_client import connect, flashtalk_init
+
+    with loopback_ice(), run_server(max_sessions=1) as srv:
+        ws = await connect(srv.ws + "/")
+        try:
+            assert (await flashtalk_init(ws))["type"] == "init_ok"
+            client = RtcClient(srv.http)
+            try:
+                r = await client.offer(**SIZE)
+                assert r.status_code == 429, r.text
+                assert r.json()["error"]["code"] == "capacity_exceeded"
+            finally:
+                await client.close()
+        finally:
+            await ws.close()
+        await wait_until(lambda: not srv.state.sessions.live(), 5)
+        client = RtcClient(srv.http)  # the slot is free again
+        try:
+            assert (await client.offer(**SIZE)).status_code == 200
+        finally:
+            await client.close()
+
+
 def test_ice_servers_come_from_settings() -> None:
     stun = [{"urls": "stun:stun.example.org:3478"}]
     with run_server(webrtc_ice_servers=stun, webrtc_codec="h264") as srv:

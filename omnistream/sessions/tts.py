@@ -93,7 +93,7 @@ class TtsEvent:
 
 @dataclass
 class _Piece:
-    audio: FloatAudio
+    data: bytes  # already resampled and converted to the output format
 
 
 _END = object()
@@ -450,7 +450,7 @@ class TtsStream:
         pieces: asyncio.Queue[_Piece | object] = asyncio.Queue()
 
         def on_piece(audio: FloatAudio) -> None:  # runner thread
-            loop.call_soon_threadsafe(pieces.put_nowait, _Piece(audio))
+            loop.call_soon_threadsafe(pieces.put_nowait, _Piece(self._convert(audio)))
 
         request = SynthRequest(
             text=text,
@@ -486,7 +486,7 @@ class TtsStream:
                 if first_piece:
                     first_piece = False
                     self._check_underrun(horizon, queued_at, index)
-                await self._emit(piece.audio)
+                await self._emit_bytes(piece.data)
         except asyncio.CancelledError:
             future.cancel()  # a runner that has not started it skips it
             raise
@@ -528,12 +528,22 @@ class TtsStream:
             if self.metrics is not None:
                 self.metrics.tts_underruns.labels(self.model_id).inc()
 
-    async def _emit(self, audio: FloatAudio, *, last: bool = False) -> None:
+    def _convert(self, audio: FloatAudio, *, last: bool = False) -> bytes:
+        """Resample and encode model audio (the runner thread calls this for each piece).
+
+        Resampling a sentence costs milliseconds; doing it in the runner thread keeps the
+        event loop free. The resampler's state is safe there: a stream has one segment in
+        flight at a time, and the final flush runs after the last segment.
+        """
         resampled = self._resampler.process(audio, last=last)
         if self.sample_format == "s16le":
-            data = float32_to_s16le(resampled)
-        else:
-            data = np.ascontiguousarray(resampled, dtype="<f4").tobytes()
+            return float32_to_s16le(resampled)
+        return np.ascontiguousarray(resampled, dtype="<f4").tobytes()
+
+    async def _emit(self, audio: FloatAudio, *, last: bool = False) -> None:
+        await self._emit_bytes(self._convert(audio, last=last), last=last)
+
+    async def _emit_bytes(self, data: bytes, *, last: bool = False) -> None:
         chunks = self._chunker.push(data)
         if last:
             tail = self._chunker.flush()

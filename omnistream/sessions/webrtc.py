@@ -1001,9 +1001,7 @@ class WebRTCAvatarSession:
                     continue
                 if not self._mic_enabled or self.timeline.streaming or self._current is not None:
                     continue
-                pcm = frame.to_ndarray()
-                channels = len(frame.layout.channels)
-                samples = pcm.reshape(-1, channels).astype(np.float32).mean(axis=1) / 32768.0
+                samples = _mono_float(frame)
                 if resampler is None or resampler.from_rate != frame.sample_rate:
                     resampler = StreamResampler(frame.sample_rate, LIPS_RATE)
                 lips = resampler.process(samples.astype(np.float32))
@@ -1178,6 +1176,19 @@ class WebRTCAvatarSession:
                 "mic": self._mic_enabled and self.mic_attached,
             },
         }
+
+
+def _mono_float(frame: av.AudioFrame) -> FloatAudio:
+    """Any PyAV audio frame (packed or planar, integer or float) as mono float32."""
+    pcm = frame.to_ndarray()
+    channels = len(frame.layout.channels)
+    if frame.format.is_planar:
+        mixed = pcm.reshape(channels, -1).astype(np.float32).mean(axis=0)
+    else:
+        mixed = pcm.reshape(-1, channels).astype(np.float32).mean(axis=1)
+    if np.issubdtype(pcm.dtype, np.integer):
+        mixed /= float(2 ** (8 * pcm.dtype.itemsize - 1))
+    return np.asarray(mixed, dtype=np.float32)
 
 
 def _openness(result: ChunkResult, count: int) -> list[float]:

@@ -119,8 +119,7 @@ async def text2audio_realtime(ws: WebSocket) -> None:
         pass
     finally:
         await _stop_utterance(session, "client disconnected", announce=False)
-        with contextlib.suppress(Exception):  # the peer may already be gone
-            await ws_common.close_quietly(ws)
+        await ws_common.close_quietly(ws)
 
 
 async def _handle(session: _Session, message: dict[str, Any]) -> None:

@@ -105,5 +105,5 @@ async def close_quietly(ws: WebSocket, code: int = 1000) -> None:
     if ws.application_state == WebSocketState.CONNECTED:
         try:
             await asyncio.wait_for(ws.close(code), CLOSE_TIMEOUT_S)
-        except (TimeoutError, RuntimeError, OSError):
+        except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
             pass

@@ -71,7 +71,7 @@ class _CudaGraph:
     """One captured decode for a fixed batch size; inputs are copied into static buffers."""
 
     def __init__(self, net: Wav2Lip, batch: int, feats: list[torch.Tensor],
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, pool: Any) -> None:
         self.batch = batch
         self.mel = torch.zeros((batch, 1, 80, 16), dtype=dtype, device=device)
         self.feats = [
@@ -87,7 +87,9 @@ class _CudaGraph:
                 net.decode(net.encode_audio(self.mel), self.feats)
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.inference_mode():
+        # All sizes share one memory pool: they replay one at a time from one thread and
+        # each output is cloned before the next replay, so their activations can overlap.
+        with torch.cuda.graph(self.graph, pool=pool), torch.inference_mode():
             self.out = net.decode(net.encode_audio(self.mel), self.feats)
 
     def run(self, n: int) -> torch.Tensor:
@@ -145,6 +147,7 @@ class Wav2LipModel(AvatarModel):
         self.use_graphs = bool(cuda_graphs and self.is_cuda)
         self.pad_batches = self.is_cuda if pad_batches is None else bool(pad_batches)
         self._graphs: dict[int, _CudaGraph] = {}
+        self._graph_pool: Any = None
         self._avatars: OrderedDict[tuple[str, int, int], Wav2LipAvatar] = OrderedDict()
         self._lock = threading.Lock()
         self._token = next(_TOKENS)
@@ -270,7 +273,10 @@ class Wav2LipModel(AvatarModel):
             bucket = next(b for b in self.buckets if b >= n)
             graph = self._graphs.get(bucket)
             if graph is None:
-                graph = _CudaGraph(self.net, bucket, levels, self.dtype, self.device)
+                if self._graph_pool is None:
+                    self._graph_pool = torch.cuda.graph_pool_handle()
+                graph = _CudaGraph(self.net, bucket, levels, self.dtype, self.device,
+                                   self._graph_pool)
                 self._graphs[bucket] = graph
             graph.mel[:n].copy_(mel)
             for buf, level in zip(graph.feats, levels, strict=True):
