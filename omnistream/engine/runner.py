@@ -322,7 +322,8 @@ class ModelRunner:
         self.stats.items += len(batch)
         self.stats.last_batch_size = len(batch)
         if self.meter is not None:
-            self.meter.record(cpu, cost)
+            threads = max(1, model.cpu_threads)
+            self.meter.record(cpu if threads == 1 else max(cpu, elapsed * threads), cost)
         if self._on_batch is not None:
             self._on_batch(len(batch), cost, elapsed)
         for item, value in zip(batch, results, strict=True):

@@ -23,6 +23,11 @@ class BatchModel(ABC, Generic[P, R]):
     #: Upper bound on the summed :meth:`cost` of one batch (at least one item always runs).
     max_batch_cost: float = 1.0
 
+    #: CPU threads one call keeps busy. The runner meters the calling thread's CPU time;
+    #: a model whose library computes on worker threads of its own (torch intra-op) says
+    #: how many, and the runner charges ``wall time × threads`` instead.
+    cpu_threads: int = 1
+
     def cost(self, payload: P) -> float:
         """Work units of one payload (frames, characters…); 1 by default."""
         return 1.0

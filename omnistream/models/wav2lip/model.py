@@ -139,6 +139,8 @@ class Wav2LipModel(AvatarModel):
         if self.is_cuda:
             torch.backends.cudnn.benchmark = True
         self.net = net.eval()
+        # torch computes on its own intra-op threads: admission must charge all of them.
+        self.cpu_threads = 1 if self.is_cuda else max(1, torch.get_num_threads())
         if max_batch is None:
             max_batch = CUDA_BUCKETS[-1] if self.is_cuda else CPU_MAX_BATCH[self.variant]
         self.max_batch = max(1, int(max_batch))
