@@ -248,6 +248,8 @@ def test_compare_alternates_targets_and_prints_ratios(tmp_path: Path) -> None:
     ]  # fmt: skip
     targets = report["summary"]["targets"]
     assert targets["A"]["chunks_answered"] == targets["B"]["chunks_answered"] == 10
+    assert targets["A"]["sessions"] == 1 and targets["A"]["rounds"] == 2
+    assert "pooled over 2 alternating rounds" in md
     ratio = report["summary"]["ratios_b_over_a"]["latency p50"]
     assert ratio["b_over_a"] > 1.5  # 50 ms of render vs 10 ms
     assert "B / A" in md

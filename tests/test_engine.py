@@ -143,14 +143,60 @@ async def test_replicas_run_side_by_side() -> None:
     runner.close()
 
 
-def test_capacity_planner_admits_until_measured_budget() -> None:
+def test_capacity_planner_prices_sessions_in_cores() -> None:
     planner = CapacityPlanner(cores=2, target_utilisation=0.5)
     stages = ["m:infer", "jpeg"]
-    assert planner.admits(stages, 10_000, 25)  # nothing measured yet: admit
+    assert planner.demand(stages, 25) is None  # nothing measured yet
+    planner.meter("m:infer").record(0.5, 1)  # the first samples pay one-off costs
+    planner.meter("jpeg").record(0.5, 1)
+    planner.meter("m:infer").record(0.5, 1)
+    planner.meter("jpeg").record(0.5, 1)
+    assert planner.demand(stages, 25) is None
     for _ in range(5):
         planner.meter("m:infer").record(0.004, 1)  # 4 ms CPU per frame
         planner.meter("jpeg").record(0.001, 1)
     assert planner.seconds_per_unit(stages) == pytest.approx(0.005)
     assert planner.max_units_per_second(stages) == pytest.approx(200)
-    assert planner.admits(stages, 175, 25)
-    assert not planner.admits(stages, 200, 25)
+    assert planner.demand(stages, 25) == pytest.approx(0.125)
+    assert planner.budget_cores == pytest.approx(1.0)
+
+
+def test_sessions_of_different_pipelines_share_one_cpu_budget() -> None:
+    from dataclasses import dataclass
+
+    from omnistream.metrics import Metrics
+    from omnistream.sessions.manager import CapacityExceeded, SessionManager
+
+    @dataclass
+    class Fake:
+        id: str
+        kind: str
+        stages: list[str]
+        units: float
+        last_activity: float = 0.0
+
+        @property
+        def units_per_second(self) -> float:
+            return self.units
+
+        @property
+        def capacity_stages(self) -> list[str]:
+            return self.stages
+
+        async def expire(self, reason: str) -> None:
+            return None
+
+    planner = CapacityPlanner(cores=1, target_utilisation=1.0)
+    for _ in range(3):
+        planner.meter("avatar").record(0.01, 1)  # 10 ms per frame: 25 fps = 0.25 core
+        planner.meter("webrtc").record(0.02, 1)  # 20 ms per frame: 25 fps = 0.5 core
+    manager = SessionManager(planner, Metrics(), max_sessions=10, idle_timeout_s=60)
+    manager.admit(Fake("a", "avatar", ["avatar"], 25))
+    manager.admit(Fake("w", "webrtc", ["webrtc"], 25))
+    assert manager.load_cores() == pytest.approx(0.75)
+    # A second WebRTC session would need 0.5 core more than the 0.25 left, although no
+    # other WebRTC-priced session alone would say so.
+    with pytest.raises(CapacityExceeded):
+        manager.admit(Fake("w2", "webrtc", ["webrtc"], 25))
+    manager.admit(Fake("a2", "avatar", ["avatar"], 25))
+    assert len(manager.live()) == 3

@@ -397,6 +397,12 @@ def _cmd_avatar(args: argparse.Namespace) -> int:
         label: _merge_avatar([r for _, r in runs if r.label == label]).summary()
         for label in scenarios
     }
+    for label, sc in scenarios.items():
+        # Pooled over rounds: N stays the concurrency of one run.
+        rounds = sum(1 for _, r in runs if r.label == label)
+        pooled[label]["sessions_measured"] = pooled[label]["sessions"]
+        pooled[label]["sessions"] = sc.sessions
+        pooled[label]["rounds"] = rounds
     ratios = compare(pooled["A"], pooled["B"], AVATAR_RATIO_KEYS) if "B" in pooled else None
     summary: dict[str, Any] = dict(pooled["A"]) if len(pooled) == 1 else {"targets": pooled}
     if ratios:

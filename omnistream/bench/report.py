@@ -284,9 +284,12 @@ def avatar_markdown(
 ) -> str:
     """Markdown for avatar runs (one row per run)."""
     chunk = summaries[0].get("chunk_ms") if summaries else None
+    rounds = max((s.get("rounds", 1) for s in summaries), default=1)
     chunk_note = (
         f" Chunk {chunk:.0f} ms; latency = last AUDI byte sent → VIDX complete." if chunk else ""
     )
+    if rounds > 1:
+        chunk_note += f" Figures pooled over {rounds} alternating rounds per target."
     text = [
         f"## {title}",
         "",

@@ -74,13 +74,12 @@ class CapacityPlanner:
             return None
         return self.cores * self.target_utilisation / per_unit
 
-    def admits(self, stages: list[str], live_units_per_s: float, new_units_per_s: float) -> bool:
-        """Whether adding a session needing ``new_units_per_s`` keeps the pipeline in budget.
+    @property
+    def budget_cores(self) -> float:
+        """CPU cores live sessions may use together."""
+        return self.cores * self.target_utilisation
 
-        Before anything has been measured the planner admits (the static session limit
-        still applies), so a cold server is never refused on a guess.
-        """
-        ceiling = self.max_units_per_second(stages)
-        if ceiling is None:
-            return True
-        return live_units_per_s + new_units_per_s <= ceiling
+    def demand(self, stages: list[str], units_per_s: float) -> float | None:
+        """Cores a session needing ``units_per_s`` uses, ``None`` until its stages are measured."""
+        per_unit = self.seconds_per_unit(stages)
+        return None if per_unit is None else per_unit * units_per_s

@@ -70,20 +70,31 @@ class SessionManager:
         if len(self._live) >= self.max_sessions:
             self.metrics.sessions_refused.labels(session.kind, "max_sessions").inc()
             raise CapacityExceeded(f"Server is at its limit of {self.max_sessions} live sessions.")
-        stages = session.capacity_stages
-        live_units = sum(
-            s.units_per_second for s in self._live.values() if s.capacity_stages == stages
-        )
-        if stages and not self.planner.admits(stages, live_units, session.units_per_second):
-            self.metrics.sessions_refused.labels(session.kind, "capacity").inc()
-            ceiling = self.planner.max_units_per_second(stages) or 0.0
-            raise CapacityExceeded(
-                "Server is at measured capacity: another session would push live sessions "
-                f"past real time ({live_units:.0f} of {ceiling:.0f} units/s in use)."
-            )
+        # Every live session, whatever its kind, is priced in cores by the meters of its
+        # own pipeline; the sum must stay inside one budget. A pipeline not measured yet
+        # is admitted (the static cap still applies), so a cold server never refuses.
+        new = self.planner.demand(session.capacity_stages, session.units_per_second)
+        if new is not None:
+            live = self.load_cores()
+            budget = self.planner.budget_cores
+            if live + new > budget:
+                self.metrics.sessions_refused.labels(session.kind, "capacity").inc()
+                raise CapacityExceeded(
+                    "Server is at measured capacity: another session would push live "
+                    f"sessions past real time ({live:.2f} of {budget:.2f} cores in use, "
+                    f"this session needs {new:.2f})."
+                )
         self._live[session.id] = session
         self.metrics.sessions_total.labels(session.kind).inc()
         self.metrics.live_sessions.labels(session.kind).inc()
+
+    def load_cores(self) -> float:
+        """Measured CPU cores the live sessions use together (unmeasured ones count 0)."""
+        total = 0.0
+        for live in self._live.values():
+            demand = self.planner.demand(live.capacity_stages, live.units_per_second)
+            total += demand or 0.0
+        return total
 
     def admit_unchecked(self, session: ManagedSession) -> None:
         """Register a session whose slot was already admitted (swapping a placeholder)."""
