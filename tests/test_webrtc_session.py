@@ -1,15 +1,16 @@
 """The WebRTC session without a network: push speech in, read both tracks, check sync.
 
-A golden test in the pipecat style: a fake TTS (tone bursts after 300 ms of the leading
-silence real voices have) goes in; the audio and video tracks are read as aiortc's
-senders would read them; what comes out must sit on one clock.
+A golden test in the pipecat style: a fake TTS (tone bursts from the first sample, as
+the real stream delivers them once the model trimmed its leading silence) goes in; the
+audio and video tracks are read as aiortc's senders would read them; what comes out must
+sit on one clock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import numpy as np
@@ -34,15 +35,15 @@ class FakeVoice:
     def __init__(self) -> None:
         self.requests: list[str] = []
 
-    async def stream(self, text: str, voice: str | None) -> AsyncIterator[SpeechChunk]:
+    async def stream(self, text: str, voice: str | None) -> AsyncGenerator[SpeechChunk, None]:
         self.requests.append(text)
         rate = 24000
-        yield SpeechChunk(np.zeros(int(0.3 * rate), np.float32), rate, text)
         t = np.arange(int(1.2 * rate)) / rate
         burst = 0.5 * np.clip(np.sin(2 * np.pi * 3 * t), 0, None) * np.sin(2 * np.pi * 200 * t)
         for start in range(0, len(burst), 2400):
             await asyncio.sleep(0)
-            yield SpeechChunk(burst[start : start + 2400].astype(np.float32), rate, "")
+            chunk_text = text if start == 0 else ""
+            yield SpeechChunk(burst[start : start + 2400].astype(np.float32), rate, chunk_text)
 
 
 async def test_audio_and_video_share_one_clock_and_the_lips_follow_the_sound() -> None:
@@ -95,8 +96,7 @@ async def test_audio_and_video_share_one_clock_and_the_lips_follow_the_sound() -
     loud = [p for p, rms in audio if rms > 0.02]
     assert loud, "no speech reached the audio track"
     audio_onset_s = loud[0] / 48000
-    # The 300 ms of leading silence were dropped: sound starts about the lead time
-    # (100 ms) after the speech was queued, not 400 ms.
+    # Sound starts about the lead time (100 ms) after the speech was queued.
     assert audio_onset_s < 0.5 + 0.1 + 0.2
 
     box = mouth_box(list(opened.reference.info["face_box"]), W, H)

@@ -458,6 +458,7 @@ class TtsStream:
             speed=self.speed,
             cancelled=lambda: self.state != "active",
             on_piece=on_piece,
+            trim_leading_silence=index == 0,
         )
         deadline: float | None = None
         if self.priority == Priority.REALTIME:

@@ -29,7 +29,7 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -61,9 +61,6 @@ MAX_LATE_FRAMES = 2  # a video track this far behind its clock skips ahead
 MAX_LATE_AUDIO_FRAMES = 3  # an audio track this far behind skips silence to catch up
 LIPS_KEEP_S = 1.0  # lips audio kept behind the play position (model context)
 OPEN_MOUTH = 0.25  # model-reported openness that counts as an open mouth
-SPEECH_ONSET_LEVEL = 0.005  # about -46 dBFS: where an utterance's sound begins
-MAX_LEADING_TRIM_S = 0.5  # never hold back more than this looking for the onset
-ONSET_PREROLL_S = 0.02  # keep this much before the onset so the attack is not cut
 
 
 FloatAudio = npt.NDArray[np.float32]
@@ -298,8 +295,8 @@ class SpeechChunk:
 class SpeechSynth(Protocol):
     """What the session needs from TTS: stream a text as audio chunks, first one fast."""
 
-    def stream(self, text: str, voice: str | None) -> AsyncIterator[SpeechChunk]:
-        """Yield speech as it is synthesised (per sentence or finer)."""
+    def stream(self, text: str, voice: str | None) -> AsyncGenerator[SpeechChunk, None]:
+        """Yield speech as it is synthesised (per sentence or finer), from its onset."""
 
 
 @dataclass
@@ -318,44 +315,6 @@ class Utterance:
     first_audio_at: float | None = None  # monotonic time its first packet was sent
     first_open_at: float | None = None  # monotonic time the first open-mouth frame went
     done: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-async def trim_leading_silence(
-    chunks: AsyncIterator[SpeechChunk],
-) -> AsyncGenerator[SpeechChunk, None]:
-    """Drop the silence TTS models put before speech (about 300 ms for Kokoro).
-
-    Nobody hears it, but it would count in the time from ``speak`` to sound and delay the
-    lips by as much. Chunks are held until the first sample above
-    :data:`SPEECH_ONSET_LEVEL` (at most :data:`MAX_LEADING_TRIM_S`), then released from
-    just before it; everything after the onset passes through untouched. The stream is
-    closed when this generator is, so an interrupted utterance stops synthesising.
-    """
-    held: list[SpeechChunk] = []
-    trimming = True
-    rate = 0
-    try:
-        async for chunk in chunks:
-            if not trimming:
-                yield chunk
-                continue
-            held.append(chunk)
-            rate = chunk.sample_rate
-            joined = np.concatenate([np.asarray(c.samples, np.float32).reshape(-1) for c in held])
-            loud = np.flatnonzero(np.abs(joined) > SPEECH_ONSET_LEVEL)
-            if loud.size or len(joined) > MAX_LEADING_TRIM_S * rate:
-                cut = max(0, int(loud[0]) - int(ONSET_PREROLL_S * rate)) if loud.size else 0
-                text = "".join(c.text for c in held)
-                held = []
-                trimming = False
-                yield SpeechChunk(joined[cut:], rate, text)
-        if held:  # the whole utterance was quiet: play it as it is
-            joined = np.concatenate([np.asarray(c.samples, np.float32).reshape(-1) for c in held])
-            yield SpeechChunk(joined, rate, "".join(c.text for c in held))
-    finally:
-        closer = getattr(chunks, "aclose", None)
-        if closer is not None:
-            await closer()
 
 
 # -- media tracks ---------------------------------------------------------------------
@@ -909,7 +868,9 @@ class WebRTCAvatarSession:
         to_lips: StreamResampler | None = None
         position = 0
         self.stats.utterances += 1
-        stream = trim_leading_silence(self.synth.stream(utt.text, utt.voice))
+        # The TTS stream already starts at the onset of speech (its first segment's
+        # leading silence is trimmed at the model), so nothing is held back here.
+        stream = self.synth.stream(utt.text, utt.voice)
         async with contextlib.aclosing(stream):
             async for chunk in stream:
                 samples = np.asarray(chunk.samples, dtype=np.float32).reshape(-1)

@@ -28,7 +28,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from functools import lru_cache
 from importlib import resources
 from typing import Any
@@ -166,7 +166,7 @@ class TtsSpeech:
         self.native_rate = native_rate
         self.voices = voices or [voice]
 
-    async def stream(self, text: str, voice: str | None) -> AsyncIterator[SpeechChunk]:
+    async def stream(self, text: str, voice: str | None) -> AsyncGenerator[SpeechChunk, None]:
         settings = self.state.settings
         first_words = settings.tts_first_segment_words
         text = normalise_text(text)

@@ -39,6 +39,9 @@ class SynthRequest:
             stop early and return what it has (the stream no longer wants it).
         on_piece: when set, a model that produces audio incrementally calls it with each
             piece instead of returning the audio in :attr:`SynthResult.audio`.
+        trim_leading_silence: drop the silence a model puts before speech (about 300 ms
+            for Kokoro). Set for a stream's first segment, where that silence is pure
+            latency; later segments keep it as the natural pause between sentences.
     """
 
     text: str
@@ -46,6 +49,21 @@ class SynthRequest:
     speed: float = 1.0
     cancelled: Callable[[], bool] = _never
     on_piece: PieceCallback | None = None
+    trim_leading_silence: bool = False
+
+
+SPEECH_ONSET_LEVEL = 0.01  # |sample| that counts as speech starting
+ONSET_PREROLL_S = 0.02  # kept before the onset so the attack is not clipped
+MAX_LEADING_TRIM_S = 0.6
+
+
+def trim_leading_silence(audio: FloatAudio, sample_rate: int) -> FloatAudio:
+    """``audio`` from just before its first audible sample (at most 0.6 s is dropped)."""
+    head = audio[: int(MAX_LEADING_TRIM_S * sample_rate)]
+    loud = np.flatnonzero(np.abs(head) > SPEECH_ONSET_LEVEL)
+    if not loud.size:
+        return audio
+    return audio[max(0, int(loud[0]) - int(ONSET_PREROLL_S * sample_rate)) :]
 
 
 @dataclass

@@ -16,7 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from omnistream.models.tts.base import SynthRequest, SynthResult, VoiceInfo, VoiceModel
+from omnistream.models.tts.base import (
+    SynthRequest,
+    SynthResult,
+    VoiceInfo,
+    VoiceModel,
+    trim_leading_silence,
+)
 
 MODEL_ID = "hibari"
 SAMPLE_RATE = 24000
@@ -106,6 +112,8 @@ class HibariVoice(VoiceModel):
                 aborted = True
                 break
             audio = np.asarray(engine.from_ids(engine.ids(phonemes), speed, rng), np.float32)
+            if request.trim_leading_silence and total == 0:
+                audio = trim_leading_silence(audio, SAMPLE_RATE)
             total += len(audio)
             if request.on_piece is not None:
                 request.on_piece(audio)
