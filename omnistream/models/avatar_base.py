@@ -16,7 +16,7 @@ session's clock; ``audio[audio_offset]`` is the sample at ``start_sample`` of th
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,10 @@ class ChunkRequest:
         sample_rate: audio rate (16 kHz on every avatar protocol).
         state: the model's per-session state from the previous chunk (None at first).
         session_id: for logs and batch statistics only.
+        on_frame: optional; a model that draws frames one at a time calls it from the
+            runner thread with ``(index, frame)`` as each is done, so the session can
+            start encoding while the rest of the chunk renders. Models that render a
+            whole batch at once may ignore it: the frames still come in the result.
     """
 
     avatar: Any
@@ -70,6 +74,7 @@ class ChunkRequest:
     sample_rate: int = 16000
     state: Any = None
     session_id: str = ""
+    on_frame: Callable[[int, RGBFrame], None] | None = None
 
 
 @dataclass

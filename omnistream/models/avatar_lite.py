@@ -330,7 +330,10 @@ class AvatarLite(AvatarModel):
             frame_no = int(frame_idx[i])
             blink = self._blink_amount(state, frame_no, chunk.fps)
             t = frame_no / chunk.fps
-            frames.append(self._draw(avatar, state.openness, state.spread, blink, t, state.seed))
+            frame = self._draw(avatar, state.openness, state.spread, blink, t, state.seed)
+            if chunk.on_frame is not None:
+                chunk.on_frame(i, frame)
+            frames.append(frame)
         return ChunkResult(frames=frames, state=state, info={"openness": state.openness})
 
     @staticmethod

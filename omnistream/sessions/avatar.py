@@ -14,6 +14,7 @@ session that uses it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import logging
 import secrets
@@ -347,6 +348,12 @@ class AvatarSession:
             state=self._model_state,
             session_id=self.id,
         )
+        # Frames drawn one at a time go to the JPEG pool at once, from the runner thread,
+        # so encoding overlaps the rest of the chunk's rendering.
+        early: dict[int, concurrent.futures.Future[bytes]] = {}
+        request.on_frame = lambda index, frame: early.__setitem__(
+            index, self.service.submit_encode(frame)
+        )
         chunk_s = len(audio) / g.sample_rate
         result = await self.runner.submit(
             request,
@@ -357,7 +364,7 @@ class AvatarSession:
         )
         rendered: ChunkResult = result.value
         encode_started = time.monotonic()
-        jpegs = await self.service.encode(rendered.frames)
+        jpegs = await self.service.encode(rendered.frames, early)
         done = time.monotonic()
         if self.epoch != epoch:
             raise StaleWork("interrupted while encoding")
@@ -487,23 +494,31 @@ class AvatarService:
         """Free the session's slot (idempotent)."""
         self.sessions.release(session)
 
-    async def encode(self, frames: list[RGBFrame]) -> list[bytes]:
-        """JPEG-encode frames in parallel on the shared pool, metering CPU per frame."""
-        if not frames:
-            return []
-        loop = asyncio.get_running_loop()
-        quality = self.jpeg.quality
-        meter = self._encode_meter
-        encode = self._encode_fn
+    def submit_encode(self, frame: RGBFrame) -> concurrent.futures.Future[bytes]:
+        """Queue one frame on the shared JPEG pool (thread-safe), metering its CPU."""
+        return self.jpeg.executor.submit(self._encode_job, frame)
 
-        def job(frame: RGBFrame) -> bytes:
-            started = time.thread_time()
-            data = encode(frame, quality)
-            meter.record(time.thread_time() - started, 1.0)
-            return data
+    def _encode_job(self, frame: RGBFrame) -> bytes:
+        started = time.thread_time()
+        data = self._encode_fn(frame, self.jpeg.quality)
+        self._encode_meter.record(time.thread_time() - started, 1.0)
+        return data
 
-        executor = self.jpeg.executor
-        futures = [loop.run_in_executor(executor, job, f) for f in frames]
+    async def encode(
+        self,
+        frames: list[RGBFrame],
+        started: Mapping[int, concurrent.futures.Future[bytes]] | None = None,
+    ) -> list[bytes]:
+        """JPEG-encode a chunk's frames in parallel on the shared pool, in order.
+
+        ``started`` holds encodes already queued while the chunk rendered; the rest are
+        queued now. The event loop only awaits the results.
+        """
+        started = started or {}
+        futures = [
+            asyncio.wrap_future(started[i] if i in started else self.submit_encode(frame))
+            for i, frame in enumerate(frames)
+        ]
         jpegs = await asyncio.gather(*futures)
         self.metrics.frames_encoded.inc(len(jpegs))
         return list(jpegs)
