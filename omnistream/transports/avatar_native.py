@@ -29,6 +29,7 @@ from omnistream.transports.state import AppState, ModelAccessError, get_state
 from omnistream.transports.ws_common import (
     ClientGone,
     close_quietly,
+    off_loop,
     parse_json,
     receive,
     send_bytes,
@@ -150,7 +151,7 @@ class NativeConnection:
     # -- handlers ------------------------------------------------------------------
 
     async def on_text(self, text: str) -> None:
-        request = parse_json(text)
+        request = await off_loop(parse_json, text, size=len(text))
         if request is None:
             await self.error("bad_json", "Invalid JSON")
             return
@@ -192,7 +193,7 @@ class NativeConnection:
                 await self.error("bad_image_base64", "'inputs.image_b64' must be a base64 string.")
                 return
             try:
-                image = decode_base64(raw, settings.max_image_bytes)
+                image = await off_loop(decode_base64, raw, settings.max_image_bytes, size=len(raw))
             except ImageError as exc:
                 await self.error(exc.code, str(exc))
                 return

@@ -35,6 +35,7 @@ from omnistream.transports.ws_common import (
     ClientGone,
     close_quietly,
     deny_unless_allowed,
+    off_loop,
     parse_json,
     receive,
     send_bytes,
@@ -91,7 +92,7 @@ class FlashTalkConnection:
             self.session = None
 
     async def on_text(self, text: str) -> None:
-        request = parse_json(text)
+        request = await off_loop(parse_json, text, size=len(text))
         if request is None:
             await self.error("Invalid JSON", "bad_json")
             return
@@ -118,7 +119,7 @@ class FlashTalkConnection:
             await self.error("Invalid base64 in 'ref_image'.", "bad_image_base64")
             return
         try:
-            image = decode_base64(ref, settings.max_image_bytes)
+            image = await off_loop(decode_base64, ref, settings.max_image_bytes, size=len(ref))
         except ImageError as exc:
             if exc.code == "image_too_large":
                 await self.error(f"Init failed: {exc}", exc.code)

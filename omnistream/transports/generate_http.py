@@ -31,6 +31,7 @@ from omnistream.jobs.schemas import TERMINAL_EVENTS, GenerateRequest, JobTrace
 from omnistream.jobs.service import JobService
 from omnistream.jobs.store import Job
 from omnistream.transports.state import ModelAccessError, get_state
+from omnistream.transports.ws_common import off_loop
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ async def parse_generate(
     else:
         raw = await request.body()
         try:
-            body = json.loads(raw or b"null")
+            body = await off_loop(json.loads, raw or b"null", size=len(raw))
         except ValueError as exc:
             raise GenerateError(400, "invalid_json", "Request body is not valid JSON.") from exc
         if not isinstance(body, dict):

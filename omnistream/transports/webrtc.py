@@ -64,6 +64,7 @@ from omnistream.sessions.webrtc import (
     WebRTCSessionConfig,
 )
 from omnistream.transports.state import AppState, ModelAccessError, get_state
+from omnistream.transports.ws_common import off_loop
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +331,11 @@ def _codec_preferences(codec: str) -> list[Any]:
     return first + rest
 
 
+def decode_base64_strict(data: str) -> bytes:
+    """Base64 that must be valid (a thread-friendly, one-argument form)."""
+    return base64.b64decode(data, validate=True)
+
+
 async def _read_body(request: Request, limit: int) -> dict[str, Any]:
     size = 0
     parts = []
@@ -339,7 +345,8 @@ async def _read_body(request: Request, limit: int) -> dict[str, Any]:
             raise WebRTCError(413, "request_too_large", f"The request is over {limit} bytes.")
         parts.append(chunk)
     try:
-        body = json.loads(b"".join(parts) or b"null")
+        raw = b"".join(parts)
+        body = await off_loop(json.loads, raw or b"null", size=len(raw))
     except ValueError as exc:
         raise WebRTCError(400, "bad_json", "The request body is not JSON.") from exc
     if not isinstance(body, dict):
@@ -427,7 +434,7 @@ async def _answer(state: AppState, request: Request) -> dict[str, Any]:
             offer.image_b64
         )
         try:
-            image = base64.b64decode(data, validate=True)
+            image = await off_loop(decode_base64_strict, data, size=len(data))
         except (binascii.Error, ValueError) as exc:
             raise WebRTCError(400, "bad_image_base64", "image_b64 is not valid base64.") from exc
     speech = _speech_for(state, offer.tts_model, offer.voice)

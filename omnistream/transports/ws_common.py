@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from omnistream.transports.state import AppState, ModelAccessError
+
+T = TypeVar("T")
 
 
 class ClientGone(Exception):
@@ -63,6 +66,20 @@ async def _send(ws: WebSocket, message: dict[str, Any], timeout: float) -> None:
         await asyncio.wait_for(ws.send(message), timeout)
     except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError) as exc:
         raise ClientGone() from exc
+
+
+OFFLOAD_BYTES = 64 * 1024  # larger payloads are parsed or decoded in a worker thread
+
+
+async def off_loop(func: Callable[..., T], *args: Any, size: int) -> T:
+    """Run a CPU-bound parse or decode inline when small, in a thread when large.
+
+    A multi-megabyte ``init`` (a base64 reference image) takes tens of milliseconds to
+    parse and decode; on the event loop that would stall every other session's frames.
+    """
+    if size > OFFLOAD_BYTES:
+        return await asyncio.to_thread(func, *args)
+    return func(*args)
 
 
 def parse_json(text: str) -> dict[str, Any] | None:
