@@ -53,7 +53,7 @@ ATTACK = 0.65  # fraction of the gap closed per frame while opening
 RELEASE = 0.4  # …while closing: slower, as real jaws are
 
 # Geometry, as fractions of the detected face box.
-MAX_JAW_DROP = 0.13  # of face height, at full openness
+MAX_JAW_DROP = 0.105  # of face height, at full openness
 BLINK_INTERVAL_S = (2.2, 5.5)
 BLINK_FRAMES_S = 0.16
 SWAY_PX = 1.6  # head sway amplitude at 416×704, scaled with the face
@@ -234,7 +234,7 @@ def prepare_avatar(request: PrepareRequest) -> PreparedAvatar:
     mx0, mx1 = int(mouth[0] - mhalf), int(mouth[0] + mhalf)
     lips = base[max(0, my0) : max(1, my1), max(0, mx0) : max(1, mx1)].reshape(-1, 3)
     lip_tone = lips.mean(axis=0) if lips.size else np.array([150, 80, 80], np.float32)
-    cavity = (lip_tone * np.array([0.28, 0.16, 0.16])).astype(np.float32)
+    cavity = (lip_tone * np.array([0.42, 0.22, 0.22])).astype(np.float32)
     teeth = np.array([228, 222, 210], np.float32) * float(np.clip(base.mean() / 140.0, 0.75, 1.05))
     return PreparedAvatar(
         base=base,
