@@ -25,10 +25,7 @@ import io
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import websockets
+from omnistream_server import omnistream_server
 from PIL import Image
 
 from omnistream.codecs.image import decode_image
@@ -62,31 +60,6 @@ def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     return float(np.percentile(values, q))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(port: int) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, OMNISTREAM_LOG_LEVEL="warning", OMNISTREAM_MAX_SESSIONS="64")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "omnistream.cli", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start")
 
 
 def direct(chunks: int) -> list[float]:
@@ -204,31 +177,29 @@ def other_image() -> bytes:
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    port = free_port()
-    proc = start_server(port)
-    url = f"ws://127.0.0.1:{port}/"
-    try:
-        await served(url, 3)  # warm the server (model load, caches)
-        direct(3)
-        # Alternate short rounds so machine noise hits both sides alike.
-        d: list[float] = []
-        s: list[float] = []
-        srv: list[float] = []
-        for _ in range(args.rounds):
-            d += direct(args.chunks)
-            e2e, own = await served(url, args.chunks)
-            s += e2e
-            srv += own
-        cold = await ttff(url, other_image())
-        warm = [await ttff(url, other_image()) for _ in range(5)]
-        ramp = []
-        for n in [int(x) for x in args.sessions.split(",")]:
-            result = await capacity(url, n, args.seconds)
-            print(json.dumps(result), flush=True)
-            ramp.append(result)
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    with omnistream_server(OMNISTREAM_MAX_SESSIONS="64") as (address, _):
+        return await measure(args, f"ws://{address}/")
+
+
+async def measure(args: argparse.Namespace, url: str) -> dict[str, Any]:
+    await served(url, 3)  # warm the server (model load, caches)
+    direct(3)
+    # Alternate short rounds so machine noise hits both sides alike.
+    d: list[float] = []
+    s: list[float] = []
+    srv: list[float] = []
+    for _ in range(args.rounds):
+        d += direct(args.chunks)
+        e2e, own = await served(url, args.chunks)
+        s += e2e
+        srv += own
+    cold = await ttff(url, other_image())
+    warm = [await ttff(url, other_image()) for _ in range(5)]
+    ramp = []
+    for n in [int(x) for x in args.sessions.split(",")]:
+        result = await capacity(url, n, args.seconds)
+        print(json.dumps(result), flush=True)
+        ramp.append(result)
     direct_p50, served_p50 = statistics.median(d), statistics.median(s)
     server_p50 = statistics.median(srv)
     return {

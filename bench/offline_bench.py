@@ -20,8 +20,6 @@ import base64
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -33,6 +31,7 @@ from typing import Any
 import httpx
 import numpy as np
 import websockets
+from omnistream_server import omnistream_server
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TEXT = (
@@ -41,45 +40,11 @@ TEXT = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def server(artifacts: Path, **env: str) -> Iterator[str]:
-    """``omnistream serve`` on a free port, stopped on exit."""
-    port = free_port()
-    environ = os.environ | {"OMNISTREAM_ARTIFACTS_DIR": str(artifacts)} | env
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "omnistream.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        env=environ,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
-            raise RuntimeError("server did not start")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+    """``omnistream serve`` writing artifacts under ``artifacts``; yields its HTTP URL."""
+    with omnistream_server(OMNISTREAM_ARTIFACTS_DIR=str(artifacts), **env) as (address, _):
+        yield f"http://{address}"
 
 
 def pct(values: list[float], q: float) -> float:

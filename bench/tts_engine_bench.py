@@ -24,15 +24,13 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+from omnistream_server import omnistream_server
 
 RATE = 24000
 TEXTS = [
@@ -103,9 +101,7 @@ def model_direct(rounds: int) -> dict[str, Any]:
     }
 
 
-async def one_stream(
-    client: httpx.AsyncClient, text: str, delay: float = 0.0
-) -> dict[str, float]:
+async def one_stream(client: httpx.AsyncClient, text: str, delay: float = 0.0) -> dict[str, float]:
     """One request read as fast as it arrives; player underruns computed from arrivals."""
     if delay:
         await asyncio.sleep(delay)
@@ -176,6 +172,7 @@ async def engine_runs(url: str, streams: int, rounds: int, pid: int) -> dict[str
             await one_stream(client, text)
         # Open the pool's connections now: TTFA is measured on kept-alive connections.
         await asyncio.gather(*(client.get("/health") for _ in range(streams)))
+
         async def scrape() -> list[tuple[float, float]]:
             return _first_audio_buckets((await client.get("/metrics")).text)
 
@@ -245,12 +242,6 @@ async def engine_runs(url: str, streams: int, rounds: int, pid: int) -> dict[str
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--streams", type=int, default=16)
@@ -259,30 +250,10 @@ def main() -> int:
     args = parser.parse_args()
 
     load_before = os.getloadavg()
-    port = _free_port()
-    env = {**os.environ, "OMNISTREAM_LOG_LEVEL": "warning"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "omnistream.cli", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(f"{url}/health", timeout=1).raise_for_status()
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("server did not start") from None
-                time.sleep(0.2)
+    with omnistream_server() as (address, server):
         direct = model_direct(args.rounds)
+        url = f"http://{address}"
         engine = asyncio.run(engine_runs(url, args.streams, args.rounds, server.pid))
-    finally:
-        server.terminate()
-        server.wait(timeout=15)
 
     single = engine["single"]
     report = {
