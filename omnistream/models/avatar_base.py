@@ -28,10 +28,6 @@ from omnistream.models.base import BatchModel
 RGBFrame = npt.NDArray[np.uint8]
 
 
-class NoFaceFound(ValueError):
-    """The reference image has no detectable face and the model cannot fall back."""
-
-
 @dataclass(frozen=True)
 class PrepareRequest:
     """Prepare one reference image (RGB uint8, any size) for ``width``×``height`` output."""

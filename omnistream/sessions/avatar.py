@@ -140,11 +140,6 @@ class ChunkGeometry:
         """Bytes of s16le PCM in one AUDI payload."""
         return self.chunk_samples * 2
 
-    @property
-    def chunk_seconds(self) -> float:
-        """Audio duration of one chunk."""
-        return self.chunk_samples / self.sample_rate
-
     def as_dict(self) -> dict[str, int]:
         """All fields, for ``init_ok`` and ``session.created``."""
         return asdict(self)
@@ -428,7 +423,7 @@ class AvatarService:
         Raises:
             CapacityExceeded: admission refused (nothing was prepared).
             ImageError: the image cannot be decoded or is over the limits.
-            NoFaceFound / RuntimeError: preparation failed.
+            RuntimeError: the model failed to load or to prepare the image.
         """
         runner = self.engine.runner(model_id, backend)
         data = image_bytes if image_bytes is not None else default_avatar_bytes()

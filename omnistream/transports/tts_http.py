@@ -23,7 +23,6 @@ import json
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -187,14 +186,6 @@ async def read_json(request: Request) -> dict[str, Any]:
 
 
 # -- streams ---------------------------------------------------------------------------
-
-
-@dataclass
-class OpenStream:
-    """A stream admitted on the server, with the spec it runs on."""
-
-    stream: TtsStream
-    spec: ModelSpec
 
 
 def recent_streams(state: AppState) -> deque[TtsStream]:
