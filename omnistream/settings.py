@@ -32,6 +32,14 @@ class Settings(BaseSettings):
     wav2lip_96_path: str | None = Field(None, description="Local wav2lip-96 checkpoint (.pth)")
     wav2lip_256_path: str | None = Field(None, description="Local wav2lip-256 checkpoint")
     wav2lip_384_path: str | None = Field(None, description="Local wav2lip-384 checkpoint")
+    checkpoint_roots: list[str] = Field(
+        default_factory=list,
+        description="Directories a request's config.model_path may load checkpoints from "
+        "(none = per-request checkpoints refused)",
+    )
+    max_request_checkpoints: int = Field(
+        2, ge=0, description="Per-request checkpoints kept resident per model beside the default"
+    )
     wav2lip_license: str | None = Field(
         None, description="License of the configured Wav2Lip checkpoints (model manifest)"
     )

@@ -2,18 +2,32 @@
 
 Everything that serves sessions (every transport, offline jobs) goes through one Engine,
 so a model is loaded once per device and shared by every route.
+
+A request may name its own weights for models that allow it (``config.model_path``, e.g.
+a user's Wav2Lip checkpoint). Such a checkpoint is loaded once as one more resident runner
+that every request naming the same file shares; only files under the operator's
+``checkpoint_roots`` are accepted (a client must not make the server read arbitrary
+files), and at most ``max_request_checkpoints`` per model are kept, so clients cannot fill
+the GPU with copies.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 from typing import Any
 
 from omnistream.codecs.jpeg import JpegEncoderPool
 from omnistream.engine.capacity import CapacityPlanner
 from omnistream.engine.devices import pick_device
-from omnistream.engine.registry import LoadContext, ModelRegistry, ModelSpec, ModelUnavailable
+from omnistream.engine.registry import (
+    CheckpointRefused,
+    LoadContext,
+    ModelRegistry,
+    ModelSpec,
+    ModelUnavailable,
+)
 from omnistream.engine.runner import ModelRunner
 from omnistream.metrics import Metrics
 
@@ -30,6 +44,8 @@ class Engine:
         planner: CapacityPlanner | None = None,
         cpu_replicas: int = 0,
         model_options: dict[str, dict[str, Any]] | None = None,
+        checkpoint_roots: list[str] | None = None,
+        max_request_checkpoints: int = 2,
     ) -> None:
         self.registry = registry
         self.metrics = metrics
@@ -37,7 +53,10 @@ class Engine:
         self.planner = planner or CapacityPlanner()
         self.cpu_replicas = cpu_replicas or (os.cpu_count() or 1)
         self.model_options = model_options or {}
-        self._runners: dict[tuple[str, str], ModelRunner] = {}
+        self.checkpoint_roots = [Path(os.path.realpath(r)) for r in checkpoint_roots or []]
+        self.max_request_checkpoints = max_request_checkpoints
+        # (model id, device, checkpoint or "" for the configured weights) → runner
+        self._runners: dict[tuple[str, str, str], ModelRunner] = {}
         self._lock = threading.Lock()
 
     def spec(self, model_id: str) -> ModelSpec:
@@ -55,26 +74,103 @@ class Engine:
             raise ModelUnavailable(reason)
         return spec
 
-    def runner(self, model_id: str, backend: str = "auto") -> ModelRunner:
-        """The resident runner for a model, started on first use."""
-        spec = self.spec(model_id)
+    def checkpoint(self, model_id: str, model_path: Any) -> str | None:
+        """Check a request's ``config.model_path`` for a model; the real path to load.
+
+        Returns ``None`` when the path is the model's configured checkpoint (the default
+        runner serves it).
+
+        Raises:
+            KeyError: no such model.
+            CheckpointRefused: the model takes no path, the path is not a string, lies
+                outside ``checkpoint_roots``, is not a file, or cannot be loaded here.
+        """
+        spec = self.registry.get(model_id)
+        if spec is None:
+            raise KeyError(model_id)
+        if spec.checkpoint_check is None:
+            raise CheckpointRefused(f"model '{model_id}' does not take 'model_path'")
+        if not isinstance(model_path, str) or not model_path or len(model_path) > 4096:
+            raise CheckpointRefused("'model_path' must be a non-empty path string")
+        real = Path(os.path.realpath(model_path))
+        if spec.default_checkpoint and real == Path(os.path.realpath(spec.default_checkpoint)):
+            return None
+        if not self.checkpoint_roots:
+            raise CheckpointRefused(
+                "per-request checkpoints are disabled on this server: the operator lists "
+                "the directories they may come from in OMNISTREAM_CHECKPOINT_ROOTS"
+            )
+        if not any(real.is_relative_to(root) for root in self.checkpoint_roots):
+            raise CheckpointRefused(
+                "'model_path' is outside the server's checkpoint directories "
+                "(OMNISTREAM_CHECKPOINT_ROOTS)"
+            )
+        if not real.is_file():
+            raise CheckpointRefused(f"'model_path' is not a file: {model_path}")
+        reason = spec.checkpoint_check(str(real))
+        if reason is not None:
+            raise CheckpointRefused(f"'model_path' cannot be loaded: {reason}")
+        return str(real)
+
+    def runner(
+        self, model_id: str, backend: str = "auto", *, checkpoint: str | None = None
+    ) -> ModelRunner:
+        """The resident runner for a model, started on first use.
+
+        ``checkpoint`` is a path returned by :meth:`checkpoint`: that file's weights get
+        their own resident runner, shared by every request naming it.
+
+        Raises:
+            KeyError: no such model.
+            ModelUnavailable: it cannot load here.
+            CheckpointRefused: ``max_request_checkpoints`` other checkpoints of this
+                model are already resident.
+        """
+        if checkpoint is None:
+            spec = self.spec(model_id)
+        else:
+            found = self.registry.get(model_id)
+            if found is None:
+                raise KeyError(model_id)
+            spec = found
         device = pick_device(backend, spec.devices)
+        key = (model_id, device, checkpoint or "")
         with self._lock:
-            runner = self._runners.get((model_id, device))
+            runner = self._runners.get(key)
+            if runner is not None and checkpoint is not None and runner.failed:
+                # A request's file may have been fixed or replaced since: try it again
+                # rather than answering with the old load error for the server's lifetime.
+                runner.close()
+                del self._runners[key]
+                runner = None
             if runner is None:
-                runner = self._start(spec, device)
-                self._runners[(model_id, device)] = runner
+                if checkpoint is not None:
+                    resident = sum(
+                        1 for (mid, dev, ck), r in self._runners.items()
+                        if mid == model_id and dev == device and ck and not r.failed
+                    )
+                    if resident >= self.max_request_checkpoints:
+                        raise CheckpointRefused(
+                            f"{resident} other checkpoints of '{model_id}' are already "
+                            "resident on this server (OMNISTREAM_MAX_REQUEST_CHECKPOINTS); "
+                            "use one of them or the default"
+                        )
+                runner = self._start(spec, device, checkpoint)
+                self._runners[key] = runner
             return runner
 
     def loaded(self, model_id: str) -> bool:
         """Whether some runner for the model has finished loading."""
-        return any(r.ready for (mid, _), r in self._runners.items() if mid == model_id)
+        return any(r.ready for (mid, _, _), r in self._runners.items() if mid == model_id)
 
-    def _start(self, spec: ModelSpec, device: str) -> ModelRunner:
+    def _start(self, spec: ModelSpec, device: str, checkpoint: str | None = None) -> ModelRunner:
         replicas = spec.replicas if spec.replicas > 0 else self.cpu_replicas
         if device != "cpu":
             replicas = 1
-        ctx = LoadContext(device=device, options=self.model_options.get(spec.id, {}))
+        options = dict(self.model_options.get(spec.id, {}))
+        if checkpoint is not None:
+            options["model_path"] = checkpoint
+        ctx = LoadContext(device=device, options=options)
         metrics = self.metrics
 
         def on_batch(size: int, cost: float, seconds: float) -> None:
@@ -86,6 +182,7 @@ class Engine:
             replicas=replicas,
             meter=self.planner.meter(f"{spec.id}:infer") if device == "cpu" else None,
             on_batch=on_batch,
+            checkpoint=checkpoint or "",
         )
         runner.start()
         return runner

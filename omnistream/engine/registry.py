@@ -27,6 +27,14 @@ class ModelUnavailable(RuntimeError):
     """The model is registered but cannot be loaded here (missing package or weights)."""
 
 
+class CheckpointRefused(ValueError):
+    """A request's ``config.model_path`` cannot be used; the message says why.
+
+    Routes answer it as a bad configuration (the client can fix it), never as a server
+    fault.
+    """
+
+
 @dataclass(frozen=True)
 class LoadContext:
     """What a factory gets when the engine loads a model: the device and its options."""
@@ -49,6 +57,11 @@ class ModelSpec:
         replicas: how many copies a CPU runner runs side by side.
         devices: devices the model can run on, best first.
         check: returns ``None`` when the model can load here, else the reason it cannot.
+        checkpoint_check: set for models whose weights a request may choose
+            (``config.model_path``): given a resolved path, ``None`` when it can be tried,
+            else the reason it cannot. ``None`` means the model takes no such path.
+        default_checkpoint: the configured checkpoint, which a request naming the same
+            file shares instead of loading a second copy.
         owned_by: shown in the OpenAI-shaped model list.
         maturity: ``stable`` / ``beta`` / ``alpha``.
     """
@@ -62,6 +75,8 @@ class ModelSpec:
     replicas: int = 1
     devices: tuple[str, ...] = ("cpu",)
     check: Callable[[], str | None] = lambda: None
+    checkpoint_check: Callable[[str], str | None] | None = None
+    default_checkpoint: str | None = None
     owned_by: str = "omnistream"
     maturity: str = "stable"
 

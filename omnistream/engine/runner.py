@@ -98,6 +98,8 @@ class ModelRunner:
         max_pending: bound on queued items; :meth:`submit` raises :class:`RunnerFull`
             past it instead of letting a queue grow without limit.
         meter: records CPU seconds per unit of work for admission control.
+        checkpoint: the request-chosen weights this runner serves ("" for the model's
+            configured ones); caches of model-specific work key on it.
     """
 
     def __init__(
@@ -109,8 +111,10 @@ class ModelRunner:
         max_pending: int = 1024,
         meter: CapacityMeter | None = None,
         on_batch: BatchObserver | None = None,
+        checkpoint: str = "",
     ) -> None:
         self.name = name
+        self.checkpoint = checkpoint
         self.replicas = max(1, replicas)
         self.max_pending = max_pending
         self.meter = meter
@@ -150,6 +154,11 @@ class ModelRunner:
     def ready(self) -> bool:
         """True once every replica has loaded."""
         return self._ready.is_set() and self._load_error is None
+
+    @property
+    def failed(self) -> bool:
+        """True once loading has failed (every submit then raises the load error)."""
+        return self._ready.is_set() and self._load_error is not None
 
     @property
     def pending(self) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from omnistream.engine.devices import pick_device
-from omnistream.engine.registry import ModelSpec
+from omnistream.engine.registry import CheckpointRefused, ModelSpec
 from omnistream.jobs.artifacts import ArtifactStore
 from omnistream.jobs.errors import GenerateError, JobCancelled
 from omnistream.jobs.inputs import InputLimits, Upload
@@ -114,10 +114,14 @@ class JobService:
             )
             model_id = chosen.id
         try:
-            return self.state.resolve_model(model_id, task)
+            return self.state.resolve_model(
+                model_id, task, model_path=request.config.get("model_path")
+            )
         except ModelAccessError as exc:
             status = 400 if exc.status == 404 else exc.status
             raise GenerateError(status, exc.code, exc.message) from exc
+        except CheckpointRefused as exc:
+            raise GenerateError(400, "invalid_config", str(exc)) from exc
 
     async def prepare(
         self, request: GenerateRequest, spec: ModelSpec, uploads: dict[str, Upload]
@@ -211,7 +215,13 @@ class JobService:
         ctx: RunContext | None = None
         try:
             device = pick_device(request.backend, spec.devices)
-            runner = self.state.engine.runner(spec.id, request.backend)
+            try:
+                checkpoint = self.state.checkpoint(spec.id, request.config.get("model_path"))
+                runner = self.state.engine.runner(
+                    spec.id, request.backend, checkpoint=checkpoint
+                )
+            except CheckpointRefused as exc:
+                raise GenerateError(400, "invalid_config", str(exc)) from exc
             ctx = RunContext(job, spec, runner, device, self.artifacts, self)
             ctx.emit("job_started", model=spec.id, device=device)
             ctx.add_time("inputs", inputs_ms)

@@ -417,15 +417,20 @@ class AvatarService:
         *,
         backend: str = "auto",
         admit: bool = True,
+        checkpoint: str | None = None,
     ) -> AvatarSession:
         """Admit, prepare the reference and return an active session.
 
+        ``checkpoint`` is a request's own weights, already checked by
+        :meth:`~omnistream.engine.engine.Engine.checkpoint`.
+
         Raises:
+            CheckpointRefused: too many request checkpoints of this model are resident.
             CapacityExceeded: admission refused (nothing was prepared).
             ImageError: the image cannot be decoded or is over the limits.
             RuntimeError: the model failed to load or to prepare the image.
         """
-        runner = self.engine.runner(model_id, backend)
+        runner = self.engine.runner(model_id, backend, checkpoint=checkpoint)
         data = image_bytes if image_bytes is not None else default_avatar_bytes()
         placeholder = _Pending(model_id, float(geometry.fps))
         if admit:
@@ -466,7 +471,9 @@ class AvatarService:
         overtaking live work.
         """
         digest = hashlib.sha256(data).hexdigest()
-        key = (model_id, digest, width, height)
+        # A request-chosen checkpoint is another model as far as preparation goes.
+        owner = f"{model_id}@{runner.checkpoint}" if runner.checkpoint else model_id
+        key = (owner, digest, width, height)
 
         async def build() -> Reference:
             settings = self.settings

@@ -37,7 +37,13 @@ def build_state(settings: Settings) -> AppState:
         backend=settings.jpeg_backend,
     )
     engine = Engine(
-        registry, metrics, jpeg=jpeg, planner=planner, cpu_replicas=settings.avatar_replicas
+        registry,
+        metrics,
+        jpeg=jpeg,
+        planner=planner,
+        cpu_replicas=settings.avatar_replicas,
+        checkpoint_roots=settings.checkpoint_roots,
+        max_request_checkpoints=settings.max_request_checkpoints,
     )
     sessions = SessionManager(
         planner, metrics, max_sessions=settings.max_sessions, idle_timeout_s=settings.idle_timeout_s

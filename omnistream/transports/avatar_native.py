@@ -21,7 +21,7 @@ from starlette.websockets import WebSocket
 
 from omnistream.codecs.framing import AUDIO_MAGIC, encode_video
 from omnistream.codecs.image import ImageError, decode_base64
-from omnistream.engine.registry import ModelUnavailable
+from omnistream.engine.registry import CheckpointRefused, ModelUnavailable
 from omnistream.engine.runner import StaleWork
 from omnistream.sessions.avatar import AvatarSession, ChunkGeometry, ConfigError, SessionInactive
 from omnistream.sessions.manager import CapacityExceeded
@@ -204,11 +204,21 @@ class NativeConnection:
             return
         if self.session is not None:
             await self.on_close()
+        model_path = config.get("model_path")
         try:
-            self.state.resolve_model(model_id, "audio2video")
-            session = await self.state.avatars.open(model_id, geometry, image, backend=backend)
+            self.state.resolve_model(model_id, "audio2video", model_path=model_path)
+            session = await self.state.avatars.open(
+                model_id,
+                geometry,
+                image,
+                backend=backend,
+                checkpoint=self.state.checkpoint(model_id, model_path),
+            )
         except ModelAccessError as exc:
             await self.error(exc.code, exc.message)
+            return
+        except CheckpointRefused as exc:
+            await self.error("bad_config", str(exc))
             return
         except CapacityExceeded as exc:
             await self.error("capacity_exceeded", str(exc), retry_after_s=exc.retry_after_s)

@@ -20,7 +20,7 @@ from starlette.websockets import WebSocket
 
 from omnistream.codecs.framing import AUDIO_MAGIC, encode_video
 from omnistream.codecs.image import ImageError, decode_base64
-from omnistream.engine.registry import ModelUnavailable
+from omnistream.engine.registry import CheckpointRefused, ModelUnavailable
 from omnistream.engine.runner import StaleWork
 from omnistream.sessions.avatar import (
     DEFAULT_PROMPT,
@@ -133,9 +133,20 @@ class FlashTalkConnection:
             return
         # A second init replaces only this connection's session: free its slot first.
         self.drop_session()
+        model_path = request.get("model_path")
+        if model_path is None and isinstance(request.get("config"), dict):
+            model_path = request["config"].get("model_path")
         try:
-            self.state.resolve_model(self.model_id, "audio2video")
-            session = await self.state.avatars.open(self.model_id, geometry, image)
+            self.state.resolve_model(self.model_id, "audio2video", model_path=model_path)
+            session = await self.state.avatars.open(
+                self.model_id,
+                geometry,
+                image,
+                checkpoint=self.state.checkpoint(self.model_id, model_path),
+            )
+        except CheckpointRefused as exc:
+            await self.error(f"Init failed: {exc}", "bad_config")
+            return
         except ImageError as exc:
             if exc.code == "image_too_large":
                 await self.error(f"Init failed: {exc}", exc.code)

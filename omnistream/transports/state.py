@@ -37,12 +37,18 @@ class AppState:
     avatars: AvatarService
     extras: dict[str, Any] = field(default_factory=dict)
 
-    def resolve_model(self, model_id: str, task: str | None = None) -> ModelSpec:
+    def resolve_model(
+        self, model_id: str, task: str | None = None, *, model_path: Any = None
+    ) -> ModelSpec:
         """Look a model up with the tier policy applied, the same way on every route.
+
+        With ``model_path`` (a request's ``config.model_path``) the model need not have
+        weights configured: the path is checked instead, by :meth:`checkpoint`.
 
         Raises:
             ModelAccessError: 404 unknown (or not serving ``task``), 403 outside the
                 server's allowed tiers, 503 registered but unavailable here.
+            CheckpointRefused: ``model_path`` is given and cannot be used.
         """
         spec = self.registry.get(model_id)
         if spec is None or (task is not None and task not in spec.tasks):
@@ -58,12 +64,30 @@ class AppState:
                 f"Model '{model_id}' is tier '{spec.tier}', not in this server's allowed "
                 f"tiers ({allowed}).",
             )
+        if model_path is not None:
+            self.engine.checkpoint(model_id, model_path)
+            return spec
         reason = spec.unavailable_reason()
         if reason is not None:
             raise ModelAccessError(
                 503, "model_unavailable", f"Model '{model_id}' is unavailable: {reason}"
             )
         return spec
+
+    def takes_request_checkpoints(self, model_id: str) -> bool:
+        """Whether a request may bring this model's weights (``config.model_path``) here."""
+        spec = self.registry.get(model_id)
+        return bool(spec and spec.checkpoint_check and self.engine.checkpoint_roots)
+
+    def checkpoint(self, model_id: str, model_path: Any) -> str | None:
+        """The checked path of a request's ``config.model_path`` (None: the default).
+
+        Raises:
+            CheckpointRefused: the model takes no path, or this one cannot be used.
+        """
+        if model_path is None:
+            return None
+        return self.engine.checkpoint(model_id, model_path)
 
 
 def get_state(conn: HTTPConnection) -> AppState:

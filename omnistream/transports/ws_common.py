@@ -99,6 +99,8 @@ async def deny_unless_allowed(ws: WebSocket, state: AppState, model_id: str, tas
     try:
         state.resolve_model(model_id, task)
     except ModelAccessError as exc:
+        if exc.status == 503 and state.takes_request_checkpoints(model_id):
+            return True  # the session's own ``model_path`` may bring the weights
         body = {
             "error": {"message": exc.message, "type": "invalid_request_error", "code": exc.code}
         }

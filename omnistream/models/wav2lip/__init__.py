@@ -4,7 +4,9 @@ This module only registers the models; it never imports torch, so the core insta
 (which has no torch) lists them as unavailable with the reason instead of failing.
 The weights are the operator's: published Wav2Lip checkpoints are licensed for
 non-commercial research only, so omnistream ships none and loads a local file named by
-``OMNISTREAM_WAV2LIP_<96|256|384>_PATH`` (or a runner's ``model_path`` option).
+``OMNISTREAM_WAV2LIP_<96|256|384>_PATH``. A request may name its own checkpoint with
+``config.model_path`` when the file lies under ``OMNISTREAM_CHECKPOINT_ROOTS``; the engine
+then keeps it resident as one more runner that every request naming it shares.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ def unavailable_reason(variant: str, path: str | None) -> str | None:
     if not path:
         return (
             f"no checkpoint configured: set OMNISTREAM_WAV2LIP_{variant}_PATH to a local "
-            f"wav2lip-{variant} checkpoint (omnistream ships no Wav2Lip weights)"
+            f"wav2lip-{variant} checkpoint, or name one in config.model_path under "
+            "OMNISTREAM_CHECKPOINT_ROOTS (omnistream ships no Wav2Lip weights)"
         )
     if not Path(path).is_file():
         return f"checkpoint file not found: {path}"
@@ -76,6 +79,9 @@ def specs(settings: Any) -> list[ModelSpec]:
         def check(variant: str = variant, path: str | None = path) -> str | None:
             return unavailable_reason(variant, path)
 
+        def check_checkpoint(chosen: str, variant: str = variant) -> str | None:
+            return unavailable_reason(variant, chosen)
+
         out.append(
             ModelSpec(
                 id=model_id(variant),
@@ -93,6 +99,7 @@ def specs(settings: Any) -> list[ModelSpec]:
                     "lookahead_ms": 120,
                     "audio": "16 kHz, 80-band log-mel, 16 mel frames per video frame",
                     "checkpoint": path,
+                    "model_path": "config.model_path under OMNISTREAM_CHECKPOINT_ROOTS",
                     "license": license_text,
                     "backends": ["cuda", "cpu"],
                     "precision": {"cuda": "bf16 (fp16 fallback), CUDA graphs", "cpu": "fp32"},
@@ -100,6 +107,8 @@ def specs(settings: Any) -> list[ModelSpec]:
                 replicas=1,
                 devices=("cuda", "cpu"),
                 check=check,
+                checkpoint_check=check_checkpoint,
+                default_checkpoint=path,
                 maturity="alpha",
             )
         )

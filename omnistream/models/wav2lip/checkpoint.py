@@ -41,10 +41,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+    with path.open("rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (PK..) or, in the legacy format, a pickle (0x80).
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise CheckpointError(
+            f"checkpoint {path} is not a PyTorch checkpoint (torch.save writes a zip archive "
+            f"or a pickle; this file starts with {head!r})"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = _unpickling_reason(exc)
         raise CheckpointError(
             f"checkpoint {path} was refused: it pickles code or objects other than tensors, "
             f"and omnistream only loads weights ({first})"
@@ -54,6 +62,20 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"checkpoint {path} could not be read as a PyTorch file: {type(exc).__name__}: {exc}"
         ) from None
     return _as_state_dict(obj, path)
+
+
+def _unpickling_reason(exc: Exception) -> str:
+    """The line of torch's refusal that names what the file pickles.
+
+    torch's message opens with advice to retry with ``weights_only=False``, which is
+    exactly what a server must not do with a file it was handed; the useful part is the
+    unsupported global it found.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "Unsupported global" in line or "WeightsUnpickler error" in line:
+            return line[:300]
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 def _as_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -80,8 +102,8 @@ def _as_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 def detect_variant(state: Mapping[str, torch.Tensor]) -> str | None:
     """Which layout the keys and shapes describe: ``"96"``, ``"256"``, ``"384"`` or None.
 
-    The face encoder's stage count tells the crop size (each stage halves it); the 384
-    layout also carries the spatial-attention gate and a 1024-wide bottleneck.
+    The face encoder's stage count separates 96 (7) from the rest (8); 256 and 384 have
+    the same count, and only 384 carries the spatial-attention gate (``sam.*``).
     """
     stages = {
         int(m.group(1))
@@ -90,8 +112,12 @@ def detect_variant(state: Mapping[str, torch.Tensor]) -> str | None:
     }
     if not stages:
         return None
-    by_stages = {len(layout.face_encoder): name for name, layout in LAYOUTS.items()}
-    return by_stages.get(max(stages) + 1)
+    attention = any(key.startswith("sam.") for key in state)
+    matches = [name for name, layout in LAYOUTS.items()
+               if len(layout.face_encoder) == max(stages) + 1]
+    return next((name for name in matches
+                 if LAYOUTS[name].spatial_attention == attention),
+                matches[0] if matches else None)
 
 
 def _preview(names: list[str]) -> str:

@@ -1,0 +1,152 @@
+"""Per-request Wav2Lip checkpoints (``config.model_path``) on every avatar route.
+
+A request may bring its own weights, but only from the operator's checkpoint
+directories, each file is loaded once and shared, and only a bounded number stay
+resident. Random-weight checkpoints in the published layout stand in for real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+pytest.importorskip("torch")
+
+from omnistream.codecs.framing import decode_video
+from omnistream.codecs.jpeg import decode_jpeg
+from omnistream.models.wav2lip.checkpoint import save_random_checkpoint
+from tests.avatar_client import (
+    connect,
+    flashtalk_init,
+    recv_json,
+    ref_image_b64,
+    speech_like,
+)
+from tests.jobs_helpers import b64, tone
+from tests.server import run_server
+
+
+async def _create(ws: Any, model: str, **config: Any) -> dict[str, Any]:
+    await ws.send(json.dumps({
+        "type": "session.create", "model": model,
+        "inputs": {"image_b64": ref_image_b64()},
+        "config": {"width": 128, "height": 160, "slice_len": 3, **config},
+    }))
+    while True:  # a create on a socket with a session closes that one first
+        event = await recv_json(ws, timeout=120)
+        if event["type"] not in ("finish", "session.closed"):
+            return event
+
+
+async def _one_chunk(ws: Any, chunk_samples: int) -> list[bytes]:
+    await ws.send(b"AUDI" + speech_like(chunk_samples, seed=3))
+    while True:
+        message = await asyncio.wait_for(ws.recv(), 120)
+        if isinstance(message, bytes):
+            return decode_video(message)
+        event = json.loads(message)
+        assert event["type"] != "error", event
+
+
+def test_request_checkpoints_are_confined_shared_and_bounded(tmp_path: Path) -> None:
+    allowed = tmp_path / "checkpoints"
+    allowed.mkdir()
+    first = save_random_checkpoint(allowed / "first.pth", "96")
+    # Distinct files with the same weights (hard links: no second 145 MB on disk).
+    second, third = allowed / "second.pth", allowed / "third.pth"
+    os.link(first, second)
+    os.link(first, third)
+    broken = allowed / "broken.pth"
+    broken.write_bytes(b"not a checkpoint at all")
+    outside = tmp_path / "elsewhere.pth"
+    os.link(first, outside)
+
+    async def scenario(ws_url: str, http_url: str) -> None:
+        native = ws_url + "/v1/avatar/realtime"
+        # Two sessions naming the same file share one resident model.
+        a, b = await connect(native), await connect(native)
+        try:
+            for ws in (a, b):
+                created = await _create(ws, "wav2lip-96", model_path=str(first))
+                assert created["type"] == "session.created", created
+                frames = await _one_chunk(ws, created["audio"]["chunk_samples"])
+                assert [decode_jpeg(j).shape for j in frames] == [(160, 128, 3)] * 3
+        finally:
+            await a.close()
+            await b.close()
+
+        ws = await connect(native)
+        try:
+            # Outside the operator's directories: refused before anything is read.
+            error = await _create(ws, "wav2lip-96", model_path=str(outside))
+            assert (error["type"], error["code"]) == ("error", "bad_config")
+            assert "outside the server's checkpoint directories" in error["message"]
+            # A model that has no weights to choose says so.
+            error = await _create(ws, "omni-avatar-lite", model_path=str(first))
+            assert error["code"] == "bad_config" and "does not take" in error["message"]
+            # A broken file fails its own session with the loader's reason...
+            error = await _create(ws, "wav2lip-96", model_path=str(broken))
+            assert error["type"] == "error" and "not a PyTorch checkpoint" in error["message"]
+            # ...and does not hold one of the two resident slots: a second file loads.
+            created = await _create(ws, "wav2lip-96", model_path=str(second))
+            assert created["type"] == "session.created", created
+            # Both slots are taken now: a third file is refused, the loaded ones are not.
+            error = await _create(ws, "wav2lip-96", model_path=str(third))
+            assert error.get("code") == "bad_config", error
+            assert "already resident" in error["message"]
+        finally:
+            await ws.close()
+
+        # FlashTalk: the route has no default weights, yet the handshake is accepted
+        # because an init may bring them; an init without them is told why.
+        ws = await connect(ws_url + "/v1/audio2video/wav2lip-96")
+        try:
+            error = await flashtalk_init(ws, width=128, height=160, slice_len=2)
+            assert error["type"] == "error" and "no checkpoint configured" in error["message"]
+            reply = await flashtalk_init(ws, width=128, height=160, slice_len=2,
+                                         model_path=str(first))
+            assert reply["type"] == "init_ok", reply
+            await ws.send(b"AUDI" + speech_like(reply["chunk_samples"], seed=1))
+            message = await asyncio.wait_for(ws.recv(), 120)
+            assert isinstance(message, bytes) and len(decode_video(message)) == 2
+        finally:
+            await ws.close()
+
+        # Offline generation takes the same config key and the same rules.
+        async with httpx.AsyncClient(timeout=120) as client:
+            body = {"task": "audio2video", "model": "wav2lip-96",
+                    "inputs": {"audio": b64(tone(0.2))},
+                    "config": {"width": 96, "height": 128, "model_path": str(first)}}
+            ok = await client.post(http_url + "/v1/generate", json=body)
+            assert ok.status_code == 200, ok.text
+            assert ok.json()["outputs"][0]["num_frames"] == 5
+            body["config"]["model_path"] = str(outside)
+            refused = await client.post(http_url + "/v1/generate", json=body)
+            assert refused.status_code == 400
+            assert refused.json()["error"]["code"] == "invalid_config"
+
+    with run_server(checkpoint_roots=[str(allowed)], max_request_checkpoints=2,
+                    artifacts_dir=str(tmp_path / "out")) as srv:
+        asyncio.run(scenario(srv.ws, srv.http))
+
+
+def test_request_checkpoints_are_off_without_checkpoint_roots(tmp_path: Path) -> None:
+    ckpt = save_random_checkpoint(tmp_path / "w.pth", "96")
+
+    async def scenario(ws_url: str) -> None:
+        ws = await connect(ws_url + "/v1/avatar/realtime")
+        try:
+            error = await _create(ws, "wav2lip-96", model_path=str(ckpt))
+            assert error["code"] == "bad_config"
+            assert "OMNISTREAM_CHECKPOINT_ROOTS" in error["message"]
+        finally:
+            await ws.close()
+
+    with run_server() as srv:
+        asyncio.run(scenario(srv.ws))
