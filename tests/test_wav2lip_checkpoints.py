@@ -30,6 +30,7 @@ from tests.avatar_client import (
 )
 from tests.jobs_helpers import b64, tone
 from tests.server import run_server
+from tests.webrtc_helpers import RtcClient, loopback_ice
 
 
 async def _create(ws: Any, model: str, **config: Any) -> dict[str, Any]:
@@ -118,6 +119,21 @@ def test_request_checkpoints_are_confined_shared_and_bounded(tmp_path: Path) -> 
         finally:
             await ws.close()
 
+        # WebRTC: the offer names the file the same way.
+        client = RtcClient(http_url)
+        try:
+            answer = await client.offer(model="wav2lip-96", model_path=str(first),
+                                        width=128, height=160, fps=25)
+            assert answer.status_code == 200, answer.text
+            await client.wait_video(5, within=60)
+            assert client.video_size == (128, 160)
+        finally:
+            await client.close()
+        refused_rtc = await RtcClient(http_url).offer(model="wav2lip-96",
+                                                      model_path=str(outside))
+        assert refused_rtc.status_code == 400
+        assert refused_rtc.json()["error"]["code"] == "bad_config"
+
         # Offline generation takes the same config key and the same rules.
         async with httpx.AsyncClient(timeout=120) as client:
             body = {"task": "audio2video", "model": "wav2lip-96",
@@ -131,8 +147,9 @@ def test_request_checkpoints_are_confined_shared_and_bounded(tmp_path: Path) -> 
             assert refused.status_code == 400
             assert refused.json()["error"]["code"] == "invalid_config"
 
-    with run_server(checkpoint_roots=[str(allowed)], max_request_checkpoints=2,
-                    artifacts_dir=str(tmp_path / "out")) as srv:
+    with loopback_ice(), run_server(checkpoint_roots=[str(allowed)],
+                                    max_request_checkpoints=2,
+                                    artifacts_dir=str(tmp_path / "out")) as srv:
         asyncio.run(scenario(srv.ws, srv.http))
 
 

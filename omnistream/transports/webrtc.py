@@ -49,6 +49,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from omnistream.codecs.image import ImageError
+from omnistream.engine.registry import CheckpointRefused
 from omnistream.models.tts.base import VoiceInfo
 from omnistream.models.tts.text import normalise_text, segment_text
 from omnistream.sessions.avatar import ChunkGeometry, ConfigError
@@ -86,6 +87,9 @@ class OfferRequest(BaseModel):
     sdp: str
     type: str = "offer"
     model: str | None = None
+    model_path: str | None = Field(
+        None, description="the model's weights from a file under the checkpoint roots"
+    )
     image_b64: str | None = Field(None, description="reference face; default avatar if absent")
     voice: str | None = None
     tts_model: str | None = None
@@ -409,9 +413,12 @@ async def _answer(state: AppState, request: Request) -> dict[str, Any]:
     if model_id in s.avatar_model_aliases:
         model_id = s.avatar_model
     try:
-        spec = state.resolve_model(model_id, "audio2video")
+        spec = state.resolve_model(model_id, "audio2video", model_path=offer.model_path)
+        checkpoint = state.checkpoint(model_id, offer.model_path)
     except ModelAccessError as exc:
         raise WebRTCError(exc.status, exc.code, exc.message) from exc
+    except CheckpointRefused as exc:
+        raise WebRTCError(400, "bad_config", str(exc)) from exc
     caps = spec.capabilities
     windows = (
         float(caps.get("context_ms", 200)) / 1000.0,
@@ -451,9 +458,13 @@ async def _answer(state: AppState, request: Request) -> dict[str, Any]:
         speech_lead_ms=s.webrtc_speech_lead_ms,
         mic_delay_ms=s.webrtc_mic_delay_ms,
     )
+    try:
+        runner = state.engine.runner(model_id, checkpoint=checkpoint)
+    except CheckpointRefused as exc:
+        raise WebRTCError(400, "bad_config", str(exc)) from exc
     session = WebRTCAvatarSession(
         config,
-        state.engine.runner(model_id),
+        runner,
         None,
         synth=speech,
         metrics=state.metrics,
@@ -473,7 +484,9 @@ async def _answer(state: AppState, request: Request) -> dict[str, Any]:
             429, "capacity_exceeded", str(exc), retry_after=exc.retry_after_s
         ) from exc
     try:
-        avatar_session = await state.avatars.open(model_id, geometry, image, admit=False)
+        avatar_session = await state.avatars.open(
+            model_id, geometry, image, admit=False, checkpoint=checkpoint
+        )
     except ImageError as exc:
         state.sessions.release(session)
         raise WebRTCError(400, "bad_image", f"Invalid image: {exc}") from exc
