@@ -14,9 +14,15 @@ encoder features are computed once per avatar and only the audio encoder and the
 decoder run per frame.
 
 * ``96`` — the original generator (Prajwal et al., 2020), 96×96 crops.
-* ``256`` — one more stride-2 stage on both sides, a kernel-4 bottleneck (4×4 → 1×1).
-* ``384`` — two more stages than 96, a 1024-wide bottleneck and audio path, and a
-  spatial-attention gate (``sam``) on every skip connection of the decoder.
+* ``256`` — the "v2" generator in circulation for 256×256 crops: one more stride-2 stage
+  on both sides and a kernel-4 bottleneck (4×4 → 1×1); its two 512-wide 8×8 stages
+  carry one residual block each, not two.
+* ``384`` — the spatial-attention generator in circulation for 384×384 crops: three
+  residual blocks in every encoder stage (also at full resolution), a 1024-wide
+  bottleneck and audio path, a spatial-attention gate (``sam``) on every skip connection
+  of the decoder, and an ``audio_refine`` stack that the checkpoints carry but the
+  reference inference never runs. It has the same stage count as 256: at 384 its
+  bottleneck is 4×4, and the gate broadcasts the 1×1 audio column over it.
 """
 
 from __future__ import annotations
@@ -80,10 +86,13 @@ class Layout:
     face_decoder: list[list[ConvSpec]]
     output_hidden: int
     spatial_attention: bool = False
+    #: Stored in the checkpoints (so strict loading needs it) but never run: the
+    #: published inference feeds the audio encoder's output straight to the decoder.
+    audio_refine: tuple[ConvSpec, ...] = ()
 
 
 def _audio(width: int) -> list[ConvSpec]:
-    """The mel encoder: 80×16 → 1×1. 384 widens it with one more 512-wide stage."""
+    """The mel encoder: 80×16 → 1×1. 1024 widens it with one more 512-wide stage."""
     stack = [
         _c(1, 32), _r(32), _r(32),
         _c(32, 64, 3, (3, 1), 1), _r(64), _r(64),
@@ -133,7 +142,7 @@ LAYOUT_256 = Layout(
         _down(32, 64, 3),                          # 64
         _down(64, 128, 2),                         # 32
         _down(128, 256, 2),                        # 16
-        _down(256, 512, 2),                        # 8
+        _down(256, 512, 1),                        # 8
         _down(512, 512, 1),                        # 4
         [_c(512, 512, 4, 1, 0), _c(512, 512, 1, 1, 0)],  # 1 (kernel-4 bottleneck)
     ],
@@ -141,7 +150,7 @@ LAYOUT_256 = Layout(
     face_decoder=[
         [_c(512, 512, 1, 1, 0)],                   # 1   (+512)
         _up(1024, 512, 1, 4, 1, 0, 0),             # 4   (+512)
-        _up(1024, 512, 2),                         # 8   (+512)
+        _up(1024, 512, 1),                         # 8   (+512)
         _up(1024, 512, 2),                         # 16  (+256)
         _up(768, 384, 2),                          # 32  (+128)
         _up(512, 256, 2),                          # 64  (+64)
@@ -155,30 +164,30 @@ LAYOUT_384 = Layout(
     name="384",
     size=384,
     face_encoder=[
-        [_c(6, 16, 7, 1, 3)],                     # 384
-        _down(16, 32, 2),                          # 192
-        _down(32, 64, 2),                          # 96
+        [_c(6, 16, 7, 1, 3), _r(16), _r(16), _r(16)],  # 384
+        _down(16, 32, 3),                          # 192
+        _down(32, 64, 3),                          # 96
         _down(64, 128, 3),                         # 48
-        _down(128, 256, 2),                        # 24
-        _down(256, 512, 2),                        # 12
-        _down(512, 1024, 2),                       # 6
-        _down(1024, 1024, 1),                      # 3
-        [_c(1024, 1024, 3, 1, 0), _c(1024, 1024, 1, 1, 0)],  # 1
+        _down(128, 256, 3),                        # 24
+        _down(256, 512, 3),                        # 12
+        _down(512, 1024, 3),                       # 6
+        # 4×4 at 384 (the layout is fully convolutional: the same weights run at 256).
+        [_c(1024, 1024, 3, 1, 0), _c(1024, 1024, 1, 1, 0), _c(1024, 1024, 1, 1, 0)],
     ],
     audio_encoder=_audio(1024),
     face_decoder=[
-        [_c(1024, 1024, 1, 1, 0)],                 # 1   (+1024)
-        _up(2048, 1024, 1, 3, 1, 0, 0),            # 3   (+1024)
-        _up(2048, 1024, 2),                        # 6   (+1024)
-        _up(2048, 768, 2),                         # 12  (+512)
-        _up(1280, 512, 2),                         # 24  (+256)
-        _up(768, 384, 2),                          # 48  (+128)
-        _up(512, 256, 2),                          # 96  (+64)
+        [_c(1024, 1024, 1, 1, 0)],                 # 1, broadcast to 4 by the gate (+1024)
+        _up(2048, 1024, 1, 3, 1, 0, 0),            # 6   (+1024)
+        _up(2048, 1024, 2),                        # 12  (+512)
+        _up(1536, 768, 2),                         # 24  (+256)
+        _up(1024, 512, 2),                         # 48  (+128)
+        _up(640, 256, 2),                          # 96  (+64)
         _up(320, 128, 2),                          # 192 (+32)
         _up(160, 64, 2),                           # 384 (+16)
     ],
     output_hidden=32,
     spatial_attention=True,
+    audio_refine=(_c(1024, 1024, 1, 1, 0), _c(1024, 1024, 1, 1, 0)),
 )
 
 LAYOUTS: dict[str, Layout] = {"96": LAYOUT_96, "256": LAYOUT_256, "384": LAYOUT_384}
@@ -246,7 +255,12 @@ class SpatialAttention(nn.Module):
 
 
 class SkipAttention(nn.Module):
-    """``decoded * (1 + attention(skip))``: named ``sam.sa`` as in the 384 checkpoints."""
+    """``decoded * (1 + attention(skip))``: named ``sam.sa`` as in the 384 checkpoints.
+
+    One gate (a single 7×7 conv) is shared by every decoder stage. The product
+    broadcasts, so a decoded map smaller than its skip (the 1×1 audio column against the
+    4×4 bottleneck at 384) comes out at the skip's size.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -274,6 +288,8 @@ class Wav2Lip(nn.Module):
             nn.Sequential(*(ConvBlock(s) for s in stage)) for stage in layout.face_encoder
         )
         self.audio_encoder = nn.Sequential(*(ConvBlock(s) for s in layout.audio_encoder))
+        if layout.audio_refine:
+            self.audio_refine = nn.Sequential(*(ConvBlock(s) for s in layout.audio_refine))
         self.face_decoder_blocks = nn.ModuleList(
             nn.Sequential(*(ConvBlock(s) for s in stage)) for stage in layout.face_decoder
         )
