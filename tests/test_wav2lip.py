@@ -29,12 +29,14 @@ from omnistream.models.wav2lip import specs  # noqa: E402
 from omnistream.models.wav2lip.checkpoint import (  # noqa: E402
     CheckpointError,
     check_layout,
+    detect_variant,
     load_generator,
     save_random_checkpoint,
 )
 from omnistream.models.wav2lip.model import Wav2LipModel, load_model  # noqa: E402
 from omnistream.models.wav2lip.network import (  # noqa: E402
     LAYOUTS,
+    Wav2Lip,
     build,
     load_manifest,
     state_manifest,
@@ -85,7 +87,7 @@ def test_committed_manifest_matches_the_layout_on_meta(variant: str) -> None:
     assert load_manifest(variant) == built
     prefixes = {key.split(".")[0] for key in built}
     expected = {"face_encoder_blocks", "audio_encoder", "face_decoder_blocks", "output_block"}
-    assert prefixes == expected | ({"sam"} if variant == "384" else set())
+    assert prefixes == expected | ({"sam", "audio_refine"} if variant == "384" else set())
     # Every block is conv + BatchNorm under ``conv_block`` except the final 1×1 conv.
     assert all(".conv_block." in k for k in built if not k.startswith(("output_block.1.", "sam.")))
     model = build(variant, "meta")
@@ -106,6 +108,53 @@ def test_96_layout_is_the_original_generator() -> None:
     params = sum(int(np.prod(s)) for k, s in manifest.items()
                  if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
     assert params == 36_298_035
+
+
+def test_256_and_384_layouts_are_the_circulating_generators() -> None:
+    """Spot checks against the published 256 ("v2") and 384 (spatial-attention) layouts.
+
+    Both have eight encoder stages, so only the attention gate tells a 384 checkpoint
+    from a 256 one; a wrong guess would refuse a good checkpoint as mismatched.
+    """
+    v256, v384 = load_manifest("256"), load_manifest("384")
+    assert v256["face_encoder_blocks.7.0.conv_block.0.weight"] == [512, 512, 4, 4]
+    assert "face_encoder_blocks.5.2.conv_block.0.weight" not in v256  # one residual at 8×8
+    assert v256["face_decoder_blocks.1.0.conv_block.0.weight"] == [1024, 512, 4, 4]
+    assert v384["face_encoder_blocks.0.3.conv_block.0.weight"] == [16, 16, 3, 3]
+    assert v384["face_encoder_blocks.7.2.conv_block.0.weight"] == [1024, 1024, 1, 1]
+    assert v384["audio_encoder.16.conv_block.0.weight"] == [1024, 1024, 1, 1]
+    assert v384["audio_refine.1.conv_block.0.weight"] == [1024, 1024, 1, 1]
+    assert v384["sam.sa.conv1.weight"] == [1, 2, 7, 7]
+    assert v384["output_block.0.conv_block.0.weight"] == [32, 80, 3, 3]
+    for variant in LAYOUTS:
+        assert detect_variant(build(variant, "meta").state_dict()) == variant
+
+
+def test_attention_generator_also_serves_256_crops() -> None:
+    """LiveTalking's ``wav2lip256`` is the attention network trained on 256 crops."""
+    from omnistream.models.wav2lip.checkpoint import layout_for
+
+    attention = build("384", "meta").state_dict()
+    assert layout_for(attention, "256", "wav2lip256.pth") == "384"
+    assert layout_for(attention, "384", "x.pth") == "384"
+    with pytest.raises(CheckpointError, match="is a wav2lip-256 checkpoint, but wav2lip-384"):
+        layout_for(build("256", "meta").state_dict(), "384", "v2.pth")
+    with pytest.raises(CheckpointError, match="is a wav2lip-384 checkpoint, but wav2lip-96"):
+        layout_for(attention, "96", "x.pth")
+
+    torch.manual_seed(0)
+    model = Wav2LipModel(build("384").eval(), "cpu", size=256)
+    try:
+        avatar = model.prepare(PrepareRequest(image=_face(), width=256, height=320,
+                                              content_hash="attention-256"))
+        assert avatar.size == 256
+        chunk = ChunkRequest(avatar=avatar, audio=_speech(SR // 5, seed=4), start_sample=0,
+                             audio_offset=0, first_frame_index=0, frame_count=1, fps=25)
+        (result,) = model.render([chunk])
+        assert isinstance(result, ChunkResult), result
+        assert [f.shape for f in result.frames] == [(320, 256, 3)]
+    finally:
+        model.close()
 
 
 # -- audio features --------------------------------------------------------------------
@@ -199,7 +248,14 @@ def test_bad_checkpoints_are_refused_with_the_reason(tmp_path: Path, capsys: Any
                   "1 unexpected key(s): audio_refine.0.conv_block.0.weight"))
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"this is not a checkpoint")
-    cases.append((junk, "could not be read as a PyTorch file"))
+    cases.append((junk, "is not a PyTorch checkpoint"))
+    # A zip that is not a torch archive gets past the magic check and is still refused.
+    import zipfile
+
+    fake_zip = tmp_path / "fake.pth"
+    with zipfile.ZipFile(fake_zip, "w") as zf:
+        zf.writestr("hello.txt", "not torch")
+    cases.append((fake_zip, "could not be read as a PyTorch file"))
 
     for path, fragment in cases:
         with pytest.raises(CheckpointError) as info:
@@ -321,40 +377,194 @@ def test_a_bad_chunk_fails_alone(model96: Wav2LipModel) -> None:
     assert isinstance(out[2], ValueError) and "not prepared by a Wav2Lip" in str(out[2])
 
 
-def test_padded_batches_render_the_same_frames(ckpt96: Path, model96: Wav2LipModel) -> None:
-    """The fixed batch sizes CUDA graphs need, exercised on the CPU: padding is invisible."""
-    padded = load_model("96", str(ckpt96), "cpu", {"pad_batches": True, "max_batch": 4})
+def _frames(results: list[Any]) -> list[np.ndarray]:
+    assert all(isinstance(r, ChunkResult) for r in results), results
+    return [f for r in results for f in r.frames]
+
+
+def _max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> int:
+    assert len(a) == len(b)
+    return max(int(np.abs(x.astype(int) - y.astype(int)).max()) for x, y in zip(a, b, strict=True))
+
+
+def test_static_batches_render_the_frames_of_the_plain_path(ckpt96: Path,
+                                                            model96: Wav2LipModel) -> None:
+    """The buffers CUDA graphs replay, driven eagerly on the CPU: padding is invisible.
+
+    Calls of 7, 3, 5 and 9 frames (buckets 8, 4, 8 and 8 + 1) mixing three sessions:
+    the 5-frame call runs on buffers whose rows 5–7 still hold the 7-frame call's
+    frames, which must not leak into anyone's output.
+    """
+    static = load_model("96", str(ckpt96), "cpu", {"static_batches": True, "max_batch": 8})
     try:
-        assert padded.buckets == (1, 2, 4)
-        request = PrepareRequest(_face(), 128, 160, "pad")
-        chunk = _chunk(padded.prepare(request), 0, 7, seed=11)  # 7 frames → calls of 4 + 3→4
-        reference = _chunk(model96.prepare(request), 0, 7, seed=11)
-        a, b = padded.render([chunk])[0], model96.render([reference])[0]
-        assert isinstance(a, ChunkResult) and isinstance(b, ChunkResult)
-        assert len(a.frames) == 7
-        for x, y in zip(a.frames, b.frames, strict=True):
-            assert np.abs(x.astype(int) - y.astype(int)).max() <= 2
+        assert static.info()["buckets"] == [1, 2, 4, 8] and not static.info()["cuda_graphs"]
+        static.warmup()  # every padded size allocated up front, as on CUDA
+        requests = [PrepareRequest(img, 128, 160, f"st{i}") for i, img in enumerate(_portraits())]
+        mine = [static.prepare(r) for r in requests]
+        plain = [model96.prepare(r) for r in requests]
+        calls = [[(0, 0, 5, 1), (1, 30, 2, 2)], [(2, 7, 3, 3)],
+                 [(1, 32, 1, 4), (0, 5, 4, 5)], [(2, 10, 5, 6), (0, 9, 4, 7)]]
+        for call in calls:
+            ours = static.render([_chunk(mine[a], first, n, seed) for a, first, n, seed in call])
+            ref = model96.render([_chunk(plain[a], first, n, seed)
+                                  for a, first, n, seed in call])
+            assert static.last_batch_frames == sum(n for *_, n, _ in call)
+            assert _max_diff(_frames(ours), _frames(ref)) <= 1
     finally:
-        padded.close()
+        static.close()
+    assert all(avatar.device_cache == {} for avatar in mine)  # device tensors released
+
+
+def test_failed_graph_capture_falls_back_to_eager_padded_batches(
+    ckpt96: Path, model96: Wav2LipModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Graphs asked for where capture fails (here: no CUDA) cost a warning, not a session."""
+    model = load_model("96", str(ckpt96), "cpu", {"cuda_graphs": True, "max_batch": 4})
+    try:
+        assert model.static_batches and model.use_graphs  # graphs imply padded buffers
+        request = PrepareRequest(_face(), 128, 160, "graphs")
+        with caplog.at_level("WARNING", logger="omnistream.models.wav2lip.model"):
+            model.warmup()  # the load-time capture: it fails here
+            chunks = [_chunk(model.prepare(request), 0, 3, seed=12)]
+            first, second = model.render(chunks), model.render(chunks)
+        ref = model96.render([_chunk(model96.prepare(request), 0, 3, seed=12)])
+        assert _max_diff(_frames(first), _frames(ref)) <= 1
+        assert _max_diff(_frames(second), _frames(ref)) <= 1
+        info = model.info()
+        assert info["cuda_graphs"] is False and info["graphs_captured"] == []
+        assert "CUDA graphs need a CUDA device" in info["graph_error"]
+        assert info["static_batches"] is True
+        warnings = [r for r in caplog.records if "graph capture failed" in r.getMessage()]
+        assert len(warnings) == 1
+    finally:
+        model.close()
+
+
+class _MemoryCap(Wav2Lip):
+    """A generator on a device with room for at most ``limit`` frames per call.
+
+    The fault is injected where a real one surfaces: the generator call raises the
+    out-of-memory error torch raises on CUDA.
+    """
+
+    def __init__(self, ckpt: Path, limit: int) -> None:
+        raw = load_generator(ckpt, "96", fold=False)
+        super().__init__(raw.layout)
+        self.load_state_dict(raw.state_dict())
+        self.fold_batchnorm()
+        self.eval()
+        self.limit = limit
+        self.refused: list[int] = []
+
+    def decode(self, audio_embedding: Any, feats: list[Any]) -> Any:
+        n = int(audio_embedding.shape[0])
+        if n > self.limit:
+            self.refused.append(n)
+            raise torch.OutOfMemoryError(f"CUDA out of memory ({n} frames, test device)")
+        return super().decode(audio_embedding, feats)
+
+
+@pytest.mark.parametrize("static_batches", [False, True])
+def test_out_of_memory_retries_the_batch_in_halves(
+    ckpt96: Path, model96: Wav2LipModel, caplog: pytest.LogCaptureFixture,
+    static_batches: bool,
+) -> None:
+    net = _MemoryCap(ckpt96, limit=4)
+    model = Wav2LipModel(net, "cpu", max_batch=8, static_batches=static_batches)
+    try:
+        requests = [PrepareRequest(_face(), 128, 160, "oom"), PrepareRequest(
+            _portraits()[2], 128, 160, "oom-blank")]
+        ours = [model.prepare(r) for r in requests]
+        ref_avatars = [model96.prepare(r) for r in requests]
+        specs_ = [(0, 0, 4, 13), (1, 3, 3, 14)]  # 7 frames: too many, then 4 + 3 fit
+        with caplog.at_level("WARNING", logger="omnistream.models.wav2lip.model"):
+            for _ in range(2):
+                out = model.render([_chunk(ours[a], f, n, s) for a, f, n, s in specs_])
+                ref = model96.render([_chunk(ref_avatars[a], f, n, s) for a, f, n, s in specs_])
+                assert _max_diff(_frames(out), _frames(ref)) <= 1
+        # Padded, the 7 frames asked for the 8-row buffers; plain, for 7 rows.
+        assert net.refused == [8 if static_batches else 7] * 2
+        assert model.info()["oom_splits"] == 2
+        assert len([r for r in caplog.records if "out of memory" in r.getMessage()]) == 1
+        net.limit = 0  # not even one frame fits: the error reaches the runner
+        with pytest.raises(torch.OutOfMemoryError):
+            model.render([_chunk(ours[0], 0, 2, seed=15)])
+    finally:
+        model.close()
+
+
+def _fp16_conv_on_cpu() -> bool:
+    try:
+        conv = torch.nn.Conv2d(2, 2, 3).to(torch.float16)
+        conv(torch.zeros(1, 2, 4, 4, dtype=torch.float16))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+@pytest.mark.parametrize("precision", [
+    "bf16",
+    pytest.param("fp16", marks=pytest.mark.skipif(not _fp16_conv_on_cpu(),
+                                                   reason="no fp16 convolution on this CPU")),
+])
+def test_reduced_precision_renders_close_to_fp32(ckpt96: Path, model96: Wav2LipModel,
+                                                  precision: str) -> None:
+    """The CUDA configuration (bf16/fp16 weights, features and padded buffers) on the CPU.
+
+    Measured on this CPU with the random-weight checkpoint (generator output in 0..255
+    units; frames inside the face box): bf16 mean 0.17 / max 0.55, frames max 1;
+    fp16 mean 0.02 / max 0.07, frames max 1. The bounds leave about 5× headroom.
+    """
+    low = load_model("96", str(ckpt96), "cpu",
+                     {"precision": precision, "static_batches": True, "max_batch": 8})
+    try:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        assert low.dtype == dtype and low.info()["dtype"] == str(dtype).removeprefix("torch.")
+        assert all(p.dtype == dtype for p in low.net.parameters())
+        request = PrepareRequest(_face(), 256, 320, f"prec-{precision}")
+        avatar, ref_avatar = low.prepare(request), model96.prepare(request)
+        assert all(f.dtype == dtype for f in low._device_avatar(avatar).feats)
+
+        mel = np.random.default_rng(3).uniform(-4, 4, (6, 1, 80, 16)).astype(np.float32)
+        gen = low.infer(mel, [low._device_avatar(avatar)] * 6)
+        gen32 = model96.infer(mel, [model96._device_avatar(ref_avatar)] * 6)
+        assert gen.dtype == torch.float32  # paste-back always blends in float32
+        err = (gen - gen32).abs() * 255
+        assert 0 < float(err.max()) < 3.0  # not bit-identical: it did run in low precision
+        assert float(err.mean()) < 1.0
+
+        chunk = _chunk(avatar, 0, 5, seed=16)
+        frames = _frames(low.render([chunk]))
+        ref = _frames(model96.render([_chunk(ref_avatar, 0, 5, seed=16)]))
+        x1, y1, x2, y2 = avatar.box
+        box_err = [np.abs(a.astype(int) - b.astype(int))[y1:y2, x1:x2]
+                   for a, b in zip(frames, ref, strict=True)]
+        assert max(int(e.max()) for e in box_err) <= 3
+        assert max(float(e.mean()) for e in box_err) < 0.5
+    finally:
+        low.close()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_bf16_graphs_match_cpu(ckpt96: Path, model96: Wav2LipModel) -> None:
+    """On a GPU: graphs captured at load, replays equal the eager padded path, near fp32."""
     gpu = load_model("96", str(ckpt96), "cuda")
+    eager = load_model("96", str(ckpt96), "cuda", {"cuda_graphs": False})
     try:
-        chunks_cpu = [_chunk(model96.prepare(PrepareRequest(_face(), 256, 320, "g")),
-                             0, 5, seed=8)]
-        chunks_gpu = [_chunk(gpu.prepare(PrepareRequest(_face(), 256, 320, "g")),
-                             0, 5, seed=8)]
-        cpu_frames = model96.render(chunks_cpu)[0]
-        for _ in range(2):  # the second run replays the captured graph
-            gpu_frames = gpu.render(chunks_gpu)[0]
-        assert isinstance(cpu_frames, ChunkResult) and isinstance(gpu_frames, ChunkResult)
-        for a, b in zip(cpu_frames.frames, gpu_frames.frames, strict=True):
-            assert np.abs(a.astype(int) - b.astype(int)).mean() < 2.0
-        assert gpu.use_graphs and 8 in gpu._graphs
+        info = gpu.info()
+        assert info["graph_error"] is None and info["graphs_captured"] == list(gpu.buckets)
+        assert info["dtype"] in ("bfloat16", "float16") and eager.info()["cuda_graphs"] is False
+        request = PrepareRequest(_face(), 256, 320, "g")
+        for frames, seed in ((37, 8), (33, 9), (5, 10)):  # 33 runs on 37's stale 64 rows
+            cpu = _frames(model96.render([_chunk(model96.prepare(request), 0, frames, seed)]))
+            replayed = _frames(gpu.render([_chunk(gpu.prepare(request), 0, frames, seed)]))
+            plain = _frames(eager.render([_chunk(eager.prepare(request), 0, frames, seed)]))
+            assert _max_diff(replayed, plain) <= 1
+            for a, b in zip(cpu, replayed, strict=True):
+                assert np.abs(a.astype(int) - b.astype(int)).mean() < 2.0
     finally:
         gpu.close()
+        eager.close()
 
 
 # -- end to end ------------------------------------------------------------------------

@@ -104,6 +104,16 @@ def test_request_checkpoints_are_confined_shared_and_bounded(tmp_path: Path) -> 
         finally:
             await ws.close()
 
+        # Operators see what is resident, from which file, and how it runs.
+        async with httpx.AsyncClient() as client:
+            ready = (await client.get(http_url + "/readyz")).json()
+        runners = {Path(r["checkpoint"]).name: r
+                   for r in ready["models"]["wav2lip-96"]["runners"]}
+        assert runners["first.pth"]["state"] == runners["second.pth"]["state"] == "ready"
+        assert runners["first.pth"]["dtype"] == "float32"
+        assert runners["first.pth"]["layout"] == "96"
+        assert runners["broken.pth"]["state"] == "failed" and "third.pth" not in runners
+
         # FlashTalk: the route has no default weights, yet the handshake is accepted
         # because an init may bring them; an init without them is told why.
         ws = await connect(ws_url + "/v1/audio2video/wav2lip-96")

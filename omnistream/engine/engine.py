@@ -163,6 +163,21 @@ class Engine:
         """Whether some runner for the model has finished loading."""
         return any(r.ready for (mid, _, _), r in self._runners.items() if mid == model_id)
 
+    def runtime(self, model_id: str) -> list[dict[str, Any]]:
+        """Every runner of a model: device, weights, state and the model's own report."""
+        with self._lock:
+            runners = [(k, r) for k, r in self._runners.items() if k[0] == model_id]
+        return [
+            {
+                "device": device,
+                "checkpoint": checkpoint or "configured",
+                "state": "failed" if r.failed else "ready" if r.ready else "loading",
+                "replicas": r.replicas,
+                **r.model_info(),
+            }
+            for (_, device, checkpoint), r in runners
+        ]
+
     def _start(self, spec: ModelSpec, device: str, checkpoint: str | None = None) -> ModelRunner:
         replicas = spec.replicas if spec.replicas > 0 else self.cpu_replicas
         if device != "cpu":

@@ -155,6 +155,22 @@ class ModelRunner:
         """True once every replica has loaded."""
         return self._ready.is_set() and self._load_error is None
 
+    def model_info(self) -> dict[str, Any]:
+        """What the first loaded replica says about how it runs (``info()``), if anything.
+
+        Models that adapt at run time (a GPU model that fell back from CUDA graphs, split
+        a batch after running out of memory) report it here for ``/readyz``.
+        """
+        models = list(self._models)
+        info = getattr(models[0], "info", None) if models else None
+        if not callable(info):
+            return {}
+        try:
+            value = info()
+        except Exception as exc:  # a broken report must not break readiness
+            return {"info_error": f"{type(exc).__name__}: {exc}"}
+        return dict(value) if isinstance(value, dict) else {}
+
     @property
     def failed(self) -> bool:
         """True once loading has failed (every submit then raises the load error)."""

@@ -35,6 +35,7 @@ async def ready(request: Request) -> dict[str, Any]:
             "loaded": state.engine.loaded(spec.id),
             "available": spec.unavailable_reason() is None,
             "reason": spec.unavailable_reason() or "",
+            "runners": state.engine.runtime(spec.id),
         }
         for spec in state.registry.specs()
     }

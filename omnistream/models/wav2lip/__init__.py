@@ -25,7 +25,8 @@ DEFAULT_LICENSE = (
 )
 _SUMMARIES = {
     "96": "Wav2Lip neural lip-sync, 96×96 mouth crop (original); your checkpoint, GPU or CPU.",
-    "256": "Wav2Lip-256 neural lip-sync, 256×256 crop; your checkpoint, GPU recommended.",
+    "256": "Wav2Lip-256 neural lip-sync, 256×256 crop (v2 or spatial-attention layout); "
+    "your checkpoint, GPU recommended.",
     "384": "Wav2Lip-384 neural lip-sync with spatial attention, 384×384 crop; your "
     "checkpoint, GPU recommended.",
 }
@@ -102,7 +103,10 @@ def specs(settings: Any) -> list[ModelSpec]:
                     "model_path": "config.model_path under OMNISTREAM_CHECKPOINT_ROOTS",
                     "license": license_text,
                     "backends": ["cuda", "cpu"],
-                    "precision": {"cuda": "bf16 (fp16 fallback), CUDA graphs", "cpu": "fp32"},
+                    "precision": {
+                        "cuda": "bf16 (fp16 before Ampere), CUDA graphs per padded batch size",
+                        "cpu": "fp32 (bf16/fp16 selectable)",
+                    },
                 },
                 replicas=1,
                 devices=("cuda", "cpu"),

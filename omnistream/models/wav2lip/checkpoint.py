@@ -120,6 +120,16 @@ def detect_variant(state: Mapping[str, torch.Tensor]) -> str | None:
                 matches[0] if matches else None)
 
 
+#: Layouts each registry variant (crop size) accepts. The spatial-attention generator is
+#: fully convolutional and circulates trained on 256 crops too (LiveTalking's
+#: ``wav2lip256``), so ``wav2lip-256`` takes either the v2 layout or that one.
+ACCEPTED_LAYOUTS: dict[str, tuple[str, ...]] = {
+    "96": ("96",),
+    "256": ("256", "384"),
+    "384": ("384",),
+}
+
+
 def _preview(names: list[str]) -> str:
     shown = ", ".join(names[:_LIST_LIMIT])
     more = len(names) - _LIST_LIMIT
@@ -154,6 +164,28 @@ def check_layout(state: Mapping[str, torch.Tensor], variant: str, source: str) -
         )
 
 
+def layout_for(state: Mapping[str, torch.Tensor], variant: str | None, source: str) -> str:
+    """The layout a state dict holds, checked against what ``variant`` accepts.
+
+    Raises:
+        CheckpointError: no known layout, one ``variant`` does not accept, or keys and
+            shapes that differ from the layout.
+    """
+    detected = detect_variant(state)
+    if detected is None:
+        raise CheckpointError(
+            f"checkpoint {source} is not a Wav2Lip generator: no face_encoder_blocks.* keys "
+            f"with a known stage count (first keys: {_preview(list(state))})"
+        )
+    if variant is not None and detected not in ACCEPTED_LAYOUTS.get(variant, (variant,)):
+        raise CheckpointError(
+            f"checkpoint {source} is a wav2lip-{detected} checkpoint, but wav2lip-{variant} "
+            "was asked for"
+        )
+    check_layout(state, detected, source)
+    return detected
+
+
 def load_generator(
     path: str | Path, variant: str | None = None, *, fold: bool = True
 ) -> Wav2Lip:
@@ -161,7 +193,8 @@ def load_generator(
 
     Args:
         path: the checkpoint file.
-        variant: the layout the caller expects (``"96"``…); None accepts any known one.
+        variant: the crop size the caller serves (``"96"``…); the checkpoint's layout
+            must be one :data:`ACCEPTED_LAYOUTS` lists for it. None accepts any layout.
         fold: fold BatchNorm into the convolutions (inference); off for manifests/tests.
 
     Raises:
@@ -169,18 +202,7 @@ def load_generator(
             asked for, or keys/shapes that do not match the layout.
     """
     state = read_state_dict(path)
-    detected = detect_variant(state)
-    if detected is None:
-        raise CheckpointError(
-            f"checkpoint {path} is not a Wav2Lip generator: no face_encoder_blocks.* keys "
-            f"with a known stage count (first keys: {_preview(list(state))})"
-        )
-    if variant is not None and detected != variant:
-        raise CheckpointError(
-            f"checkpoint {path} is a wav2lip-{detected} checkpoint, but wav2lip-{variant} "
-            "was asked for"
-        )
-    check_layout(state, detected, str(path))
+    detected = layout_for(state, variant, str(path))
     model = build(detected, "cpu")
     for key, tensor in model.state_dict().items():
         if key.endswith(OPTIONAL_SUFFIX) and key not in state:
