@@ -79,6 +79,8 @@ def bench_variant(variant: str, batches: list[int], device: str, min_s: float,
     net = build(variant)
     net.fold_batchnorm()
     model = Wav2LipModel(net, device, max_batch=max(batches))
+    if model.is_cuda:
+        model.warmup()  # capture every padded size now, as load_model does in the server
     sync = torch.cuda.synchronize if model.is_cuda else (lambda: None)
     import cv2
 
@@ -121,10 +123,11 @@ def bench_variant(variant: str, batches: list[int], device: str, min_s: float,
     print(f"wav2lip-{variant} render {frames} frames at 416x704: "
           f"{render['frames_per_s']:.2f} f/s ({render['frames_per_cpu_s']:.2f} per CPU-s)",
           flush=True)
+    info = model.info()
     model.close()
     return {"variant": f"wav2lip-{variant}", "gflop_per_frame": gflops_per_frame(variant),
             "device": device, "dtype": str(model.dtype),
-            "cuda_graphs": model.use_graphs, "batches": rows,
+            "cuda_graphs": model.use_graphs, "model": info, "batches": rows,
             "render_416x704": {"batch": frames, **render}}
 
 
