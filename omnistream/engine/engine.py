@@ -95,10 +95,11 @@ class Engine:
         real = Path(os.path.realpath(model_path))
         if spec.default_checkpoint and real == Path(os.path.realpath(spec.default_checkpoint)):
             return None
-        if not self.checkpoint_roots:
+        if not self.checkpoint_roots or self.max_request_checkpoints <= 0:
             raise CheckpointRefused(
                 "per-request checkpoints are disabled on this server: the operator lists "
-                "the directories they may come from in OMNISTREAM_CHECKPOINT_ROOTS"
+                "the directories they may come from in OMNISTREAM_CHECKPOINT_ROOTS and "
+                "how many may stay resident in OMNISTREAM_MAX_REQUEST_CHECKPOINTS"
             )
         if not any(real.is_relative_to(root) for root in self.checkpoint_roots):
             raise CheckpointRefused(
