@@ -77,7 +77,9 @@ class AppState:
     def takes_request_checkpoints(self, model_id: str) -> bool:
         """Whether a request may bring this model's weights (``config.model_path``) here."""
         spec = self.registry.get(model_id)
-        return bool(spec and spec.checkpoint_check and self.engine.checkpoint_roots)
+        engine = self.engine
+        return bool(spec and spec.checkpoint_check and engine.checkpoint_roots
+                    and engine.max_request_checkpoints > 0)
 
     def checkpoint(self, model_id: str, model_path: Any) -> str | None:
         """The checked path of a request's ``config.model_path`` (None: the default).
