@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     max_request_checkpoints: int = Field(
         2, ge=0, description="Per-request checkpoints kept resident per model beside the default"
     )
+    request_checkpoint_idle_s: float = Field(
+        600.0,
+        gt=0,
+        description="A per-request checkpoint unused this long may be unloaded for another "
+        "(kept at least idle_timeout_s, so no live session loses its model)",
+    )
     wav2lip_license: str | None = Field(
         None, description="License of the configured Wav2Lip checkpoints (model manifest)"
     )

@@ -100,7 +100,7 @@ def test_request_checkpoints_are_confined_shared_and_bounded(tmp_path: Path) -> 
             # Both slots are taken now: a third file is refused, the loaded ones are not.
             error = await _create(ws, "wav2lip-96", model_path=str(third))
             assert error.get("code") == "bad_config", error
-            assert "already resident" in error["message"]
+            assert "are resident and in use" in error["message"]
         finally:
             await ws.close()
 
@@ -177,3 +177,39 @@ def test_request_checkpoints_are_off_without_checkpoint_roots(tmp_path: Path) ->
 
     with run_server() as srv:
         asyncio.run(scenario(srv.ws))
+
+
+def test_an_idle_request_checkpoint_makes_room_for_another(tmp_path: Path) -> None:
+    allowed = tmp_path / "checkpoints"
+    allowed.mkdir()
+    first = save_random_checkpoint(allowed / "first.pth", "96")
+    second = allowed / "second.pth"
+    os.link(first, second)
+
+    async def scenario(ws_url: str, http_url: str) -> None:
+        native = ws_url + "/v1/avatar/realtime"
+        a, b = await connect(native), await connect(native)
+        try:
+            created = await _create(a, "wav2lip-96", model_path=str(first))
+            assert created["type"] == "session.created", created
+            await _one_chunk(a, created["audio"]["chunk_samples"])
+            # The only slot holds weights used a moment ago: refused, saying when to retry.
+            error = await _create(b, "wav2lip-96", model_path=str(second))
+            assert error.get("code") == "bad_config", error
+            assert "in use" in error["message"] and "retry later" in error["message"]
+            await asyncio.sleep(1.3)  # past the (test-sized) idle time
+            created = await _create(b, "wav2lip-96", model_path=str(second))
+            assert created["type"] == "session.created", created
+            frames = await _one_chunk(b, created["audio"]["chunk_samples"])
+            assert len(frames) == 3
+        finally:
+            await a.close()
+            await b.close()
+        async with httpx.AsyncClient() as client:
+            ready = (await client.get(http_url + "/readyz")).json()
+        resident = [Path(r["checkpoint"]).name for r in ready["models"]["wav2lip-96"]["runners"]]
+        assert resident == ["second.pth"]
+
+    with run_server(checkpoint_roots=[str(allowed)], max_request_checkpoints=1,
+                    request_checkpoint_idle_s=1.0, idle_timeout_s=1.0) as srv:
+        asyncio.run(scenario(srv.ws, srv.http))

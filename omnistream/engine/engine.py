@@ -8,13 +8,15 @@ a user's Wav2Lip checkpoint). Such a checkpoint is loaded once as one more resid
 that every request naming the same file shares; only files under the operator's
 ``checkpoint_roots`` are accepted (a client must not make the server read arbitrary
 files), and at most ``max_request_checkpoints`` per model are kept, so clients cannot fill
-the GPU with copies.
+the GPU with copies; one nobody has used for ``checkpoint_idle_s`` makes room for the next.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,8 @@ from omnistream.engine.registry import (
 from omnistream.engine.runner import ModelRunner
 from omnistream.metrics import Metrics
 
+log = logging.getLogger(__name__)
+
 
 class Engine:
     """Lazily starts a runner per (model, device) and keeps it resident until shutdown."""
@@ -46,6 +50,7 @@ class Engine:
         model_options: dict[str, dict[str, Any]] | None = None,
         checkpoint_roots: list[str] | None = None,
         max_request_checkpoints: int = 2,
+        checkpoint_idle_s: float = 300.0,
     ) -> None:
         self.registry = registry
         self.metrics = metrics
@@ -55,6 +60,7 @@ class Engine:
         self.model_options = model_options or {}
         self.checkpoint_roots = [Path(os.path.realpath(r)) for r in checkpoint_roots or []]
         self.max_request_checkpoints = max_request_checkpoints
+        self.checkpoint_idle_s = checkpoint_idle_s
         # (model id, device, checkpoint or "" for the configured weights) → runner
         self._runners: dict[tuple[str, str, str], ModelRunner] = {}
         self._lock = threading.Lock()
@@ -146,19 +152,43 @@ class Engine:
                 runner = None
             if runner is None:
                 if checkpoint is not None:
-                    resident = sum(
-                        1 for (mid, dev, ck), r in self._runners.items()
-                        if mid == model_id and dev == device and ck and not r.failed
-                    )
-                    if resident >= self.max_request_checkpoints:
-                        raise CheckpointRefused(
-                            f"{resident} other checkpoints of '{model_id}' are already "
-                            "resident on this server (OMNISTREAM_MAX_REQUEST_CHECKPOINTS); "
-                            "use one of them or the default"
-                        )
+                    self._make_room(model_id, device)
                 runner = self._start(spec, device, checkpoint)
                 self._runners[key] = runner
             return runner
+
+    def _make_room(self, model_id: str, device: str) -> None:
+        """Free a slot for one more request checkpoint of a model, or refuse (lock held).
+
+        A full set unloads its least recently used runner if nobody has submitted to it
+        for ``checkpoint_idle_s``: at least the session idle timeout, so no live session
+        still holds it (an idle session is reaped first), and a running job submits far
+        more often than that.
+
+        Raises:
+            CheckpointRefused: every slot is in use.
+        """
+        mine = [
+            (key, r) for key, r in self._runners.items()
+            if key[0] == model_id and key[1] == device and key[2] and not r.failed
+        ]
+        if len(mine) < self.max_request_checkpoints:
+            return
+        key, lru = min(mine, key=lambda kr: kr[1].last_used)
+        idle = time.monotonic() - lru.last_used
+        if lru.pending == 0 and idle >= self.checkpoint_idle_s:
+            log.info("unloading %s weights %s, idle for %.0f s, for another checkpoint",
+                     model_id, key[2], idle)
+            del self._runners[key]
+            # Off the caller's thread: close() joins the replica threads.
+            threading.Thread(target=lru.close, name=f"unload-{model_id}", daemon=True).start()
+            return
+        raise CheckpointRefused(
+            f"{len(mine)} other checkpoints of '{model_id}' are resident and in use on this "
+            "server (OMNISTREAM_MAX_REQUEST_CHECKPOINTS); the least recently used one can be "
+            f"unloaded after {self.checkpoint_idle_s:.0f} s idle (it has been {idle:.0f} s): "
+            "use one of them or the default, or retry later"
+        )
 
     def loaded(self, model_id: str) -> bool:
         """Whether some runner for the model has finished loading."""

@@ -115,6 +115,9 @@ class ModelRunner:
     ) -> None:
         self.name = name
         self.checkpoint = checkpoint
+        #: ``time.monotonic()`` of the last submit (or of creation): the engine unloads
+        #: request-chosen weights nobody has used for a while.
+        self.last_used = time.monotonic()
         self.replicas = max(1, replicas)
         self.max_pending = max_pending
         self.meter = meter
@@ -237,6 +240,7 @@ class ModelRunner:
             if len(self._heap) >= self.max_pending:
                 raise RunnerFull(f"runner {self.name} has {len(self._heap)} items queued")
             heapq.heappush(self._heap, item)
+            self.last_used = now
             self._cond.notify()
         return future
 

@@ -44,6 +44,8 @@ def build_state(settings: Settings) -> AppState:
         cpu_replicas=settings.avatar_replicas,
         checkpoint_roots=settings.checkpoint_roots,
         max_request_checkpoints=settings.max_request_checkpoints,
+        # Never shorter than the session idle timeout: a live session's model stays.
+        checkpoint_idle_s=max(settings.request_checkpoint_idle_s, settings.idle_timeout_s),
     )
     sessions = SessionManager(
         planner, metrics, max_sessions=settings.max_sessions, idle_timeout_s=settings.idle_timeout_s
