@@ -200,3 +200,71 @@ def test_sessions_of_different_pipelines_share_one_cpu_budget() -> None:
         manager.admit(Fake("w2", "webrtc", ["webrtc"], 25))
     manager.admit(Fake("a2", "avatar", ["avatar"], 25))
     assert len(manager.live()) == 3
+
+
+async def test_a_device_runner_meters_device_time_and_cpu_apart() -> None:
+    """A GPU model mostly waits on its device: busy time is priced apart from cores."""
+    import time
+
+    class Waits(BatchModel[int, int]):
+        def run_batch(self, payloads: Sequence[int]) -> list[int]:
+            time.sleep(0.02 * len(payloads))  # the "device" works; this thread idles
+            return list(payloads)
+
+    planner = CapacityPlanner(cores=4, target_utilisation=0.8)
+    stages = ["w:infer@cuda", "w:busy@cuda"]
+    runner = ModelRunner(
+        "w", Waits, meter=planner.meter(stages[0]),
+        device_meter=planner.meter(stages[1], resource="cuda"), capacity_stages=stages,
+    )
+    runner.start()
+    await runner.wait_ready(5)
+    for i in range(5):
+        await runner.submit(i, cost=1.0)
+    runner.close()
+    demands = planner.demands(runner.capacity_stages, 25)
+    assert demands is not None
+    assert demands["cuda"] == pytest.approx(0.5, rel=0.5)  # 20 ms of device per frame
+    assert demands["cpu"] < 0.1  # a sleeping thread burns next to no CPU
+    assert planner.budget("cuda") == pytest.approx(0.8)
+    assert planner.budget("cpu") == pytest.approx(3.2)
+
+
+def test_device_time_is_a_budget_of_its_own() -> None:
+    from dataclasses import dataclass
+
+    from omnistream.metrics import Metrics
+    from omnistream.sessions.manager import CapacityExceeded, SessionManager
+
+    @dataclass
+    class Fake:
+        id: str
+        stages: list[str]
+        kind: str = "avatar"
+        last_activity: float = 0.0
+
+        @property
+        def units_per_second(self) -> float:
+            return 25.0
+
+        @property
+        def capacity_stages(self) -> list[str]:
+            return self.stages
+
+        async def expire(self, reason: str) -> None:
+            return None
+
+    planner = CapacityPlanner(cores=8, target_utilisation=0.8)
+    gpu = ["m:infer@cuda", "m:busy@cuda", "jpeg"]
+    for _ in range(3):
+        planner.meter(gpu[0]).record(0.001, 1)  # 1 ms of CPU per frame
+        planner.meter(gpu[1], resource="cuda").record(0.01, 1)  # 10 ms of device per frame
+        planner.meter(gpu[2]).record(0.001, 1)
+    manager = SessionManager(planner, Metrics(), max_sessions=100, idle_timeout_s=60)
+    for i in range(3):  # 3 × 0.25 of the device fits under 0.8
+        manager.admit(Fake(f"g{i}", gpu))
+    assert manager.load()["cuda"] == pytest.approx(0.75)
+    assert manager.load_cores() == pytest.approx(0.15)  # the CPU is nearly idle...
+    with pytest.raises(CapacityExceeded, match="cuda device's time"):
+        manager.admit(Fake("g3", gpu))  # ...but the device is not
+    manager.admit(Fake("c0", ["jpeg"]))  # a CPU-only session still fits

@@ -4,6 +4,12 @@ Every stage that burns CPU for a session (rendering, JPEG encoding) records the 
 seconds it spent per unit of work. The sum, times the units a session needs per second,
 is that session's share of the machine; a new session is admitted only while the total
 stays under ``cores × target_utilisation``.
+
+An accelerator is a resource of its own: a GPU runner also records the seconds its device
+is busy per unit (the runner's one thread keeps one batch at a time on it), and the
+sessions on that device must stay under ``target_utilisation`` of its time. Each stage
+belongs to one resource (``cpu`` unless its meter was created for a device), and a
+session is admitted only if every resource it uses has room.
 """
 
 from __future__ import annotations
@@ -55,17 +61,49 @@ class CapacityPlanner:
         self.cores = cores or len(os.sched_getaffinity(0)) or 1
         self.target_utilisation = target_utilisation
         self.meters: dict[str, CapacityMeter] = {}
+        self.resources: dict[str, str] = {}  # stage → "cpu" or a device ("cuda")
 
-    def meter(self, stage: str) -> CapacityMeter:
-        """The meter for one stage of the pipeline, created on first use."""
+    def meter(self, stage: str, resource: str = "cpu") -> CapacityMeter:
+        """The meter for one stage of the pipeline, created on first use.
+
+        ``resource`` is what the stage's seconds are spent on: CPU cores, or a device's
+        time (``"cuda"``).
+        """
+        self.resources.setdefault(stage, resource)
         return self.meters.setdefault(stage, CapacityMeter())
 
-    def seconds_per_unit(self, stages: list[str]) -> float | None:
-        """CPU seconds per unit summed over a pipeline's stages, ``None`` until all measured."""
-        values = [self.meters[s].seconds_per_unit if s in self.meters else None for s in stages]
-        if not values or any(v is None for v in values):
+    def seconds_per_unit(self, stages: list[str], resource: str = "cpu") -> float | None:
+        """Seconds of ``resource`` per unit summed over a pipeline's stages.
+
+        ``None`` until every stage of the pipeline (on any resource) is measured.
+        """
+        demands = self.demands(stages, 1.0)
+        if demands is None:
             return None
-        return float(sum(v for v in values if v is not None))
+        return demands.get(resource, 0.0)
+
+    def demands(self, stages: list[str], units_per_s: float) -> dict[str, float] | None:
+        """What a session needing ``units_per_s`` uses of each resource, per second.
+
+        ``None`` until every one of its stages is measured.
+        """
+        out: dict[str, float] = {}
+        if not stages:
+            return None
+        for stage in stages:
+            meter = self.meters.get(stage)
+            per_unit = meter.seconds_per_unit if meter is not None else None
+            if per_unit is None:
+                return None
+            resource = self.resources.get(stage, "cpu")
+            out[resource] = out.get(resource, 0.0) + per_unit * units_per_s
+        return out
+
+    def budget(self, resource: str) -> float:
+        """Seconds per second of ``resource`` live sessions may use together."""
+        if resource == "cpu":
+            return self.budget_cores
+        return self.target_utilisation  # one device: a fraction of its time
 
     def max_units_per_second(self, stages: list[str]) -> float | None:
         """Units per second the machine sustains for this pipeline within its target."""
@@ -81,5 +119,5 @@ class CapacityPlanner:
 
     def demand(self, stages: list[str], units_per_s: float) -> float | None:
         """Cores a session needing ``units_per_s`` uses, ``None`` until its stages are measured."""
-        per_unit = self.seconds_per_unit(stages)
-        return None if per_unit is None else per_unit * units_per_s
+        demands = self.demands(stages, units_per_s)
+        return None if demands is None else demands.get("cpu", 0.0)

@@ -222,11 +222,21 @@ class Engine:
         def on_batch(size: int, cost: float, seconds: float) -> None:
             metrics.batch_size.labels(spec.id).observe(size)
 
+        # CPU runners are priced in cores. A device runner is priced in the CPU its
+        # thread burns (features, copies, launch overhead) and in the device's busy time.
+        device_stage = device != "cpu"
+        stages = (
+            [f"{spec.id}:infer@{device}", f"{spec.id}:busy@{device}"]
+            if device_stage
+            else [f"{spec.id}:infer"]
+        )
         runner = ModelRunner(
             spec.id,
             lambda: spec.factory(ctx),
             replicas=replicas,
-            meter=self.planner.meter(f"{spec.id}:infer") if device == "cpu" else None,
+            meter=self.planner.meter(stages[0]),
+            device_meter=self.planner.meter(stages[1], resource=device) if device_stage else None,
+            capacity_stages=stages,
             on_batch=on_batch,
             checkpoint=checkpoint or "",
         )

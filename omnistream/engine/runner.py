@@ -98,6 +98,10 @@ class ModelRunner:
         max_pending: bound on queued items; :meth:`submit` raises :class:`RunnerFull`
             past it instead of letting a queue grow without limit.
         meter: records CPU seconds per unit of work for admission control.
+        device_meter: on an accelerator, records the seconds the device is busy per unit
+            (a batch's wall time: this runner keeps one batch at a time on its device).
+        capacity_stages: the meters' stage names, which sessions using this runner list
+            so admission prices them (default ``<name>:infer``).
         checkpoint: the request-chosen weights this runner serves ("" for the model's
             configured ones); caches of model-specific work key on it.
     """
@@ -112,8 +116,12 @@ class ModelRunner:
         meter: CapacityMeter | None = None,
         on_batch: BatchObserver | None = None,
         checkpoint: str = "",
+        device_meter: CapacityMeter | None = None,
+        capacity_stages: list[str] | None = None,
     ) -> None:
         self.name = name
+        self.device_meter = device_meter
+        self.capacity_stages = list(capacity_stages or [f"{name}:infer"])
         self.checkpoint = checkpoint
         #: ``time.monotonic()`` of the last submit (or of creation): the engine unloads
         #: request-chosen weights nobody has used for a while.
@@ -353,6 +361,8 @@ class ModelRunner:
         if self.meter is not None:
             threads = max(1, model.cpu_threads)
             self.meter.record(cpu if threads == 1 else max(cpu, elapsed * threads), cost)
+        if self.device_meter is not None:
+            self.device_meter.record(elapsed, cost)
         if self._on_batch is not None:
             self._on_batch(len(batch), cost, elapsed)
         for item, value in zip(batch, results, strict=True):

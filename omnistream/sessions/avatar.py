@@ -273,7 +273,7 @@ class AvatarSession:
 
     @property
     def capacity_stages(self) -> list[str]:
-        return [f"{self.model_id}:infer", JPEG_STAGE]
+        return [*self.runner.capacity_stages, JPEG_STAGE]
 
     async def expire(self, reason: str) -> None:
         """Close because the server decided (idle, shutdown); tells the transport."""
@@ -432,7 +432,7 @@ class AvatarService:
         """
         runner = self.engine.runner(model_id, backend, checkpoint=checkpoint)
         data = image_bytes if image_bytes is not None else default_avatar_bytes()
-        placeholder = _Pending(model_id, float(geometry.fps))
+        placeholder = _Pending(model_id, float(geometry.fps), runner.capacity_stages)
         if admit:
             self.sessions.admit(placeholder)  # raises CapacityExceeded
         try:
@@ -541,6 +541,7 @@ class _Pending:
 
     model_id: str
     fps: float
+    stages: list[str]
     kind: str = "avatar"
     id: str = field(default_factory=lambda: "pending_" + secrets.token_hex(6))
     last_activity: float = field(default_factory=time.monotonic)
@@ -551,7 +552,7 @@ class _Pending:
 
     @property
     def capacity_stages(self) -> list[str]:
-        return [f"{self.model_id}:infer", JPEG_STAGE]
+        return [*self.stages, JPEG_STAGE]
 
     async def expire(self, reason: str) -> None:
         return None

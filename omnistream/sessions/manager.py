@@ -2,8 +2,8 @@
 
 Capacity is admitted, not hoped for (house rule 6): a new realtime session is refused
 with :class:`CapacityExceeded` when the static ``max_sessions`` cap is reached, or when the
-measured CPU cost of the sessions already live plus the new one would exceed the target
-utilisation. Refusing one client is better than letting every live one fall behind.
+measured CPU (or device) cost of the sessions already live plus the new one would exceed
+the target utilisation. Refusing one client is better than letting every live one fall behind.
 """
 
 from __future__ import annotations
@@ -70,31 +70,40 @@ class SessionManager:
         if len(self._live) >= self.max_sessions:
             self.metrics.sessions_refused.labels(session.kind, "max_sessions").inc()
             raise CapacityExceeded(f"Server is at its limit of {self.max_sessions} live sessions.")
-        # Every live session, whatever its kind, is priced in cores by the meters of its
-        # own pipeline; the sum must stay inside one budget. A pipeline not measured yet
-        # is admitted (the static cap still applies), so a cold server never refuses.
-        new = self.planner.demand(session.capacity_stages, session.units_per_second)
+        # Every live session, whatever its kind, is priced by the meters of its own
+        # pipeline, in CPU cores and in device time; each resource's sum must stay inside
+        # its budget. A pipeline not measured yet is admitted (the static cap still
+        # applies), so a cold server never refuses.
+        new = self.planner.demands(session.capacity_stages, session.units_per_second)
         if new is not None:
-            live = self.load_cores()
-            budget = self.planner.budget_cores
-            if live + new > budget:
-                self.metrics.sessions_refused.labels(session.kind, "capacity").inc()
-                raise CapacityExceeded(
-                    "Server is at measured capacity: another session would push live "
-                    f"sessions past real time ({live:.2f} of {budget:.2f} cores in use, "
-                    f"this session needs {new:.2f})."
-                )
+            load = self.load()
+            for resource, need in sorted(new.items()):
+                live = load.get(resource, 0.0)
+                budget = self.planner.budget(resource)
+                if live + need > budget:
+                    self.metrics.sessions_refused.labels(session.kind, "capacity").inc()
+                    unit = "cores" if resource == "cpu" else f"of the {resource} device's time"
+                    raise CapacityExceeded(
+                        "Server is at measured capacity: another session would push live "
+                        f"sessions past real time ({live:.2f} of {budget:.2f} {unit} in use, "
+                        f"this session needs {need:.2f})."
+                    )
         self._live[session.id] = session
         self.metrics.sessions_total.labels(session.kind).inc()
         self.metrics.live_sessions.labels(session.kind).inc()
 
+    def load(self) -> dict[str, float]:
+        """What the live sessions use of each resource together (unmeasured ones count 0)."""
+        total: dict[str, float] = {}
+        for live in self._live.values():
+            demands = self.planner.demands(live.capacity_stages, live.units_per_second) or {}
+            for resource, amount in demands.items():
+                total[resource] = total.get(resource, 0.0) + amount
+        return total
+
     def load_cores(self) -> float:
         """Measured CPU cores the live sessions use together (unmeasured ones count 0)."""
-        total = 0.0
-        for live in self._live.values():
-            demand = self.planner.demand(live.capacity_stages, live.units_per_second)
-            total += demand or 0.0
-        return total
+        return self.load().get("cpu", 0.0)
 
     def admit_unchecked(self, session: ManagedSession) -> None:
         """Register a session whose slot was already admitted (swapping a placeholder)."""

@@ -207,7 +207,7 @@ class TtsStream:
     @property
     def capacity_stages(self) -> list[str]:
         """The runner's capacity meter, which prices this stream."""
-        return [f"{self.model_id}:infer"] if self.priority == Priority.REALTIME else []
+        return list(self.runner.capacity_stages) if self.priority == Priority.REALTIME else []
 
     async def expire(self, reason: str) -> None:
         """Stop the stream because the server decided so (idle, shutdown)."""

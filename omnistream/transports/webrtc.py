@@ -468,7 +468,7 @@ async def _answer(state: AppState, request: Request) -> dict[str, Any]:
         None,
         synth=speech,
         metrics=state.metrics,
-        capacity_stages=[f"{model_id}:infer", ENCODE_STAGE, CONVERT_STAGE],
+        capacity_stages=[*runner.capacity_stages, ENCODE_STAGE, CONVERT_STAGE],
         model_windows=windows,
         meters=EncodeMeters(
             encode=state.engine.planner.meter(ENCODE_STAGE),
