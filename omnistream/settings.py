@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     # Sessions and admission
     max_sessions: int = Field(64, ge=1, description="Hard cap on live realtime sessions")
     capacity_target: float = Field(
-        0.85, gt=0, le=1.0, description="Fraction of CPU live sessions may use (admission)"
+        0.85, gt=0, le=1.0, description="Fraction of the CPU and of a GPU's time sessions may use"
     )
     idle_timeout_s: float = Field(300.0, gt=0, description="Close a session idle this long")
     send_timeout_s: float = Field(
