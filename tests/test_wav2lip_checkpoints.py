@@ -47,12 +47,18 @@ async def _create(ws: Any, model: str, **config: Any) -> dict[str, Any]:
 
 async def _one_chunk(ws: Any, chunk_samples: int) -> list[bytes]:
     await ws.send(b"AUDI" + speech_like(chunk_samples, seed=3))
+    metrics: dict[str, Any] = {}
     while True:
         message = await asyncio.wait_for(ws.recv(), 120)
         if isinstance(message, bytes):
-            return decode_video(message)
+            frames = decode_video(message)
+            # The chunk's metrics say how full the shared model call was.
+            assert metrics["batch_frames"] >= len(frames) and metrics["batch_size"] >= 1
+            return frames
         event = json.loads(message)
         assert event["type"] != "error", event
+        if event["type"] == "metrics":
+            metrics = event["metrics"]
 
 
 def test_request_checkpoints_are_confined_shared_and_bounded(tmp_path: Path) -> None:

@@ -174,6 +174,9 @@ class ChunkOutput:
     total_ms: float
     batch_size: int
     late: bool
+    #: Frames in the model call this chunk shared, where the model batches frames from
+    #: several sessions into one call (Wav2Lip); None where it does not say.
+    batch_frames: int | None = None
 
 
 @dataclass
@@ -386,7 +389,12 @@ class AvatarSession:
             total_ms=total_ms,
             batch_size=result.batch_size,
             late=late,
+            batch_frames=_int_or_none((rendered.info or {}).get("batch_frames")),
         )
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 class AvatarService:

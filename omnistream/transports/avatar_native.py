@@ -140,6 +140,8 @@ class NativeConnection:
                 "batch_size": out.batch_size,
                 "late": out.late,
             }
+            if out.batch_frames is not None:
+                metrics["batch_frames"] = out.batch_frames
             async with self._send_lock:
                 await send_json(
                     self.ws,
