@@ -147,8 +147,7 @@ class Engine:
             if runner is not None and checkpoint is not None and runner.failed:
                 # A request's file may have been fixed or replaced since: try it again
                 # rather than answering with the old load error for the server's lifetime.
-                runner.close()
-                del self._runners[key]
+                self._unload(key)
                 runner = None
             if runner is None:
                 if checkpoint is not None:
@@ -179,9 +178,7 @@ class Engine:
         if lru.pending == 0 and idle >= self.checkpoint_idle_s:
             log.info("unloading %s weights %s, idle for %.0f s, for another checkpoint",
                      model_id, key[2], idle)
-            del self._runners[key]
-            # Off the caller's thread: close() joins the replica threads.
-            threading.Thread(target=lru.close, name=f"unload-{model_id}", daemon=True).start()
+            self._unload(key)
             return
         raise CheckpointRefused(
             f"{len(mine)} other checkpoints of '{model_id}' are resident and in use on this "
@@ -189,6 +186,11 @@ class Engine:
             f"unloaded after {self.checkpoint_idle_s:.0f} s idle (it has been {idle:.0f} s): "
             "use one of them or the default, or retry later"
         )
+
+    def _unload(self, key: tuple[str, str, str]) -> None:
+        """Forget a runner and close it off the caller's thread (it joins its replicas)."""
+        runner = self._runners.pop(key)
+        threading.Thread(target=runner.close, name=f"unload-{key[0]}", daemon=True).start()
 
     def loaded(self, model_id: str) -> bool:
         """Whether some runner for the model has finished loading."""

@@ -114,9 +114,10 @@ class JobService:
             )
             model_id = chosen.id
         try:
-            return self.state.resolve_model(
-                model_id, task, model_path=request.config.get("model_path")
+            spec, _ = self.state.resolve_checkpoint(
+                model_id, task, request.config.get("model_path")
             )
+            return spec
         except ModelAccessError as exc:
             status = 400 if exc.status == 404 else exc.status
             raise GenerateError(status, exc.code, exc.message) from exc
@@ -216,10 +217,10 @@ class JobService:
         try:
             device = pick_device(request.backend, spec.devices)
             try:
-                checkpoint = self.state.checkpoint(spec.id, request.config.get("model_path"))
-                runner = self.state.engine.runner(
-                    spec.id, request.backend, checkpoint=checkpoint
-                )
+                model_path = request.config.get("model_path")
+                engine = self.state.engine
+                checkpoint = None if model_path is None else engine.checkpoint(spec.id, model_path)
+                runner = engine.runner(spec.id, request.backend, checkpoint=checkpoint)
             except CheckpointRefused as exc:
                 raise GenerateError(400, "invalid_config", str(exc)) from exc
             ctx = RunContext(job, spec, runner, device, self.artifacts, self)

@@ -208,13 +208,9 @@ class NativeConnection:
             await self.on_close()
         model_path = config.get("model_path")
         try:
-            self.state.resolve_model(model_id, "audio2video", model_path=model_path)
+            _, checkpoint = self.state.resolve_checkpoint(model_id, "audio2video", model_path)
             session = await self.state.avatars.open(
-                model_id,
-                geometry,
-                image,
-                backend=backend,
-                checkpoint=self.state.checkpoint(model_id, model_path),
+                model_id, geometry, image, backend=backend, checkpoint=checkpoint
             )
         except ModelAccessError as exc:
             await self.error(exc.code, exc.message)

@@ -137,12 +137,11 @@ class FlashTalkConnection:
         if model_path is None and isinstance(request.get("config"), dict):
             model_path = request["config"].get("model_path")
         try:
-            self.state.resolve_model(self.model_id, "audio2video", model_path=model_path)
+            _, checkpoint = self.state.resolve_checkpoint(
+                self.model_id, "audio2video", model_path
+            )
             session = await self.state.avatars.open(
-                self.model_id,
-                geometry,
-                image,
-                checkpoint=self.state.checkpoint(self.model_id, model_path),
+                self.model_id, geometry, image, checkpoint=checkpoint
             )
         except CheckpointRefused as exc:
             await self.error(f"Init failed: {exc}", "bad_config")

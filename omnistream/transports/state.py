@@ -37,19 +37,40 @@ class AppState:
     avatars: AvatarService
     extras: dict[str, Any] = field(default_factory=dict)
 
-    def resolve_model(
-        self, model_id: str, task: str | None = None, *, model_path: Any = None
-    ) -> ModelSpec:
+    def resolve_model(self, model_id: str, task: str | None = None) -> ModelSpec:
         """Look a model up with the tier policy applied, the same way on every route.
-
-        With ``model_path`` (a request's ``config.model_path``) the model need not have
-        weights configured: the path is checked instead, by :meth:`checkpoint`.
 
         Raises:
             ModelAccessError: 404 unknown (or not serving ``task``), 403 outside the
                 server's allowed tiers, 503 registered but unavailable here.
+        """
+        spec = self._allowed(model_id, task)
+        reason = spec.unavailable_reason()
+        if reason is not None:
+            raise ModelAccessError(
+                503, "model_unavailable", f"Model '{model_id}' is unavailable: {reason}"
+            )
+        return spec
+
+    def resolve_checkpoint(
+        self, model_id: str, task: str | None, model_path: Any
+    ) -> tuple[ModelSpec, str | None]:
+        """:meth:`resolve_model` for a request that may name its own weights.
+
+        Returns the spec and the checked path of ``config.model_path`` (None: the
+        configured weights). With a path the model need not have weights configured.
+
+        Raises:
+            ModelAccessError: as :meth:`resolve_model`.
             CheckpointRefused: ``model_path`` is given and cannot be used.
         """
+        if model_path is None:
+            return self.resolve_model(model_id, task), None
+        spec = self._allowed(model_id, task)
+        return spec, self.engine.checkpoint(model_id, model_path)
+
+    def _allowed(self, model_id: str, task: str | None) -> ModelSpec:
+        """The spec, if it exists for ``task`` and the tier policy allows it (404/403)."""
         spec = self.registry.get(model_id)
         if spec is None or (task is not None and task not in spec.tasks):
             known = ", ".join(s.id for s in self.registry.specs(task)) or "none"
@@ -64,14 +85,6 @@ class AppState:
                 f"Model '{model_id}' is tier '{spec.tier}', not in this server's allowed "
                 f"tiers ({allowed}).",
             )
-        if model_path is not None:
-            self.engine.checkpoint(model_id, model_path)
-            return spec
-        reason = spec.unavailable_reason()
-        if reason is not None:
-            raise ModelAccessError(
-                503, "model_unavailable", f"Model '{model_id}' is unavailable: {reason}"
-            )
         return spec
 
     def takes_request_checkpoints(self, model_id: str) -> bool:
@@ -80,16 +93,6 @@ class AppState:
         engine = self.engine
         return bool(spec and spec.checkpoint_check and engine.checkpoint_roots
                     and engine.max_request_checkpoints > 0)
-
-    def checkpoint(self, model_id: str, model_path: Any) -> str | None:
-        """The checked path of a request's ``config.model_path`` (None: the default).
-
-        Raises:
-            CheckpointRefused: the model takes no path, or this one cannot be used.
-        """
-        if model_path is None:
-            return None
-        return self.engine.checkpoint(model_id, model_path)
 
 
 def get_state(conn: HTTPConnection) -> AppState:

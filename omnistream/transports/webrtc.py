@@ -413,8 +413,7 @@ async def _answer(state: AppState, request: Request) -> dict[str, Any]:
     if model_id in s.avatar_model_aliases:
         model_id = s.avatar_model
     try:
-        spec = state.resolve_model(model_id, "audio2video", model_path=offer.model_path)
-        checkpoint = state.checkpoint(model_id, offer.model_path)
+        spec, checkpoint = state.resolve_checkpoint(model_id, "audio2video", offer.model_path)
     except ModelAccessError as exc:
         raise WebRTCError(exc.status, exc.code, exc.message) from exc
     except CheckpointRefused as exc:

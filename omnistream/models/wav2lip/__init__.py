@@ -11,6 +11,7 @@ then keeps it resident as one more runner that every request naming it shares.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -80,9 +81,6 @@ def specs(settings: Any) -> list[ModelSpec]:
         def check(variant: str = variant, path: str | None = path) -> str | None:
             return unavailable_reason(variant, path)
 
-        def check_checkpoint(chosen: str, variant: str = variant) -> str | None:
-            return unavailable_reason(variant, chosen)
-
         out.append(
             ModelSpec(
                 id=model_id(variant),
@@ -111,7 +109,7 @@ def specs(settings: Any) -> list[ModelSpec]:
                 replicas=1,
                 devices=("cuda", "cpu"),
                 check=check,
-                checkpoint_check=check_checkpoint,
+                checkpoint_check=functools.partial(unavailable_reason, variant),
                 default_checkpoint=path,
                 maturity="alpha",
             )

@@ -133,13 +133,12 @@ class _StaticBatch:
     def capture(self, stream: Any, pool: Any) -> None:
         """Warm up on ``stream`` and capture one decode of the buffers into a CUDA graph.
 
+        The caller (:meth:`Wav2LipModel._capture`) checks the device is CUDA.
+
         Raises:
-            RuntimeError: the buffers are not on a CUDA device (graphs of CPU tensors
-                would replay nothing and return stale output), or capture failed.
+            RuntimeError: capture failed.
         """
         device = self.mel.device
-        if device.type != "cuda":
-            raise RuntimeError(f"CUDA graphs need a CUDA device, not {device.type}")
         # Warm-up and capture share one side stream: cuBLAS/cuDNN handles and workspaces
         # are per stream, and creating one while capturing is illegal.
         stream.wait_stream(torch.cuda.current_stream(device))
