@@ -36,6 +36,49 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--idle-timeout", type=float, dest="idle_timeout_s")
     p.add_argument("--jpeg-quality", type=int)
     p.add_argument("--log-level", default=None)
+    p.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="serve a Runtime Profile (OmniRT format): its environment, models, ports, "
+        "warmup, concurrency and fallbacks",
+    )
+    p.add_argument(
+        "--models-dir",
+        action="append",
+        dest="models_dir",
+        metavar="DIR",
+        help="directory of diffusers pipelines (one subdirectory each, registered under its "
+        "name); repeatable (OMNISTREAM_MODELS_DIR: a path or a JSON list)",
+    )
+    keys = p.add_argument_group("keys and browsers")
+    keys.add_argument(
+        "--api-key-file",
+        help="require a key on every route and socket: one key per line, or YAML with "
+        "per-key scopes and quotas; SIGHUP reloads it (OMNISTREAM_API_KEY_FILE)",
+    )
+    keys.add_argument(
+        "--no-auth",
+        action="store_true",
+        default=None,
+        help="allow serving a non-loopback address without keys",
+    )
+    keys.add_argument(
+        "--public-metrics", action="store_true", default=None, help="/metrics needs no key"
+    )
+    keys.add_argument(
+        "--allowed-origin",
+        action="append",
+        dest="allowed_origins",
+        metavar="ORIGIN",
+        help="browser Origin allowed besides the server's own host (repeatable; '*' = any)",
+    )
+    keys.add_argument(
+        "--cors-origin",
+        action="append",
+        dest="cors_origins",
+        metavar="ORIGIN",
+        help="Origin given CORS access (repeatable; default: CORS off)",
+    )
     p.set_defaults(func=_serve)
 
 
@@ -45,6 +88,16 @@ def _serve(args: argparse.Namespace) -> int:
     from omnistream.settings import Settings
     from omnistream.transports.app import create_app
 
+    profile = None
+    if args.profile:
+        from omnistream.profiles.launch import ProfileRefused, read_runtime
+
+        try:
+            profile = read_runtime(args.profile)
+        except ProfileRefused as exc:
+            print(f"omnistream serve: {exc}", file=sys.stderr)
+            return 2
+        profile.apply_environment()  # before Settings: OMNISTREAM_* there count
     overrides = {
         k: v
         for k, v in {
@@ -56,14 +109,24 @@ def _serve(args: argparse.Namespace) -> int:
             "idle_timeout_s": args.idle_timeout_s,
             "jpeg_quality": args.jpeg_quality,
             "log_level": args.log_level,
+            "models_dir": getattr(args, "models_dir", None),
+            "api_key_file": args.api_key_file,
+            "no_auth": args.no_auth,
+            "public_metrics": args.public_metrics,
+            "allowed_origins": args.allowed_origins,
+            "cors_origins": args.cors_origins,
         }.items()
         if v is not None
     }
     settings = Settings(**overrides)
+    problem = exposure_problem(settings)
+    if problem:
+        print(f"omnistream serve: {problem}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app = create_app(settings)
+    app = create_app(settings, profile=profile)
     shown = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host
     base = f"{shown}:{settings.port}"
     log.info(
@@ -78,13 +141,57 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def exposure_problem(settings: Any) -> str | None:
+    """Why these settings must not start (keys missing on a public address), or None.
+
+    A server reachable from other machines with no key would let anyone there use every
+    route, so that needs a key file or an explicit ``--no-auth``. A key file that cannot
+    be read is refused here too, before any model loads.
+    """
+    if settings.api_key_file:
+        from omnistream.auth.keys import KeyFileError, KeyStore
+
+        try:
+            KeyStore(settings.api_key_file)
+        except KeyFileError as exc:
+            return f"API key file refused: {exc}"
+        return None
+    if settings.no_auth or is_loopback(settings.host):
+        return None
+    return (
+        f"refusing to serve {settings.host} without API keys: anyone who can reach it could "
+        "use every route. Give --api-key-file FILE (or OMNISTREAM_API_KEY_FILE), or pass "
+        "--no-auth to serve it open anyway."
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable only from this machine."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _ws_protocol() -> Any:
+    from omnistream.transports.ws_protocol import OmnistreamWebSocketProtocol
+
+    return OmnistreamWebSocketProtocol
+
+
 def uvicorn_options(settings: Any) -> dict[str, Any]:
     """uvicorn options that enforce the server's WebSocket limits (shared with tests)."""
     return {
         "host": settings.host,
         "port": settings.port,
         "loop": "uvloop" if sys.platform != "win32" else "asyncio",
-        "ws": "websockets-sansio",
+        # uvicorn's websockets-sansio protocol, plus aborting connections whose peer
+        # stopped reading (a graceful close would wait for them forever).
+        "ws": _ws_protocol(),
         # The transport refuses messages far past the app limit outright; between the
         # two the app answers with a protocol error and keeps the socket.
         "ws_max_size": settings.max_message_bytes * 2,

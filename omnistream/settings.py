@@ -50,6 +50,33 @@ class Settings(BaseSettings):
         None, description="License of the configured Wav2Lip checkpoints (model manifest)"
     )
 
+    # Keys and the edge (omnistream/auth)
+    api_key_file: str | None = Field(
+        None,
+        description="Key file: one key per line (full access) or YAML with per-key name, "
+        "key or sha256, scopes, tiers, max_sessions, requests_per_minute, max_queued_jobs. "
+        "None = no keys (allowed only on loopback unless no_auth)",
+    )
+    no_auth: bool = Field(
+        False, description="Serve a non-loopback address with no keys (you take the risk)"
+    )
+    public_metrics: bool = Field(False, description="/metrics answers without a key")
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Browser Origins allowed to open WebSockets and send requests besides "
+        "the server's own host ('*' = any)",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins given CORS access (none = CORS off)"
+    )
+    client_secret_ttl_s: float = Field(
+        600.0, gt=0, le=7200, description="Default life of a minted browser client secret"
+    )
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="Largest HTTP body outside the upload routes"
+    )
+    max_json_depth: int = Field(64, ge=4, description="Deepest JSON nesting accepted")
+
     # Sessions and admission
     max_sessions: int = Field(64, ge=1, description="Hard cap on live realtime sessions")
     capacity_target: float = Field(
@@ -58,6 +85,12 @@ class Settings(BaseSettings):
     idle_timeout_s: float = Field(300.0, gt=0, description="Close a session idle this long")
     send_timeout_s: float = Field(
         30.0, gt=0, description="Drop a client that does not read a message for this long"
+    )
+    max_concurrent_setups: int = Field(
+        2,
+        ge=1,
+        description="New reference images decoded and prepared at once; more wait their turn "
+        "(so a storm of new connections cannot starve live sessions)",
     )
 
     # Input limits
@@ -137,3 +170,95 @@ class Settings(BaseSettings):
     max_running_jobs: int = Field(2, ge=1, description="Offline jobs that run at once")
     max_queued_jobs: int = Field(64, ge=1, description="Offline jobs waiting before 429")
     stt_model: str = "whisper-tiny.en"
+
+    # Voice agent (WS /v1/realtime, the demo's talk mode)
+    realtime_output_lead_ms: int = Field(
+        300, ge=0, le=5000, description="Agent audio is sent this far ahead of real time"
+    )
+    realtime_llm_timeout_s: float = Field(
+        30.0, gt=0, description="An LLM stream silent this long fails the agent's response"
+    )
+    realtime_tool_timeout_s: float = Field(
+        60.0, gt=0, description="A function call with no output after this long is reported"
+    )
+    realtime_max_buffer_s: float = Field(
+        120.0, gt=0, description="Longest uncommitted input audio a realtime session holds"
+    )
+    realtime_max_queued_events: int = Field(
+        2048, ge=16, description="Server events waiting for a slow client before it is dropped"
+    )
+
+    # Image and video diffusion (omnistream/models/diffusion)
+    models_dir: str | list[str] | None = Field(
+        None,
+        description="Directories whose subdirectories hold diffusers pipelines "
+        "(model_index.json), each registered under its name: a path or a JSON list",
+    )
+    diffusion_dtype: str = Field(
+        "auto", description="Weights dtype: auto (bf16/fp16 on CUDA, fp32 on CPU), float32, "
+        "float16, bfloat16"
+    )
+    diffusion_max_batch_rows: int = Field(
+        16, ge=1, description="Latent rows one shared UNet call may carry (CFG counts 2)"
+    )
+    diffusion_max_pixels: int = Field(
+        1024 * 1024, ge=64 * 64, description="Largest generated image or video frame (w*h)"
+    )
+    diffusion_max_steps: int = Field(100, ge=1, description="Most denoising steps a request runs")
+    diffusion_max_images: int = Field(8, ge=1, description="Most images one request makes (n)")
+    diffusion_max_frames: int = Field(128, ge=1, description="Most frames one video request makes")
+    diffusion_max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt accepted")
+
+    # Cluster (omnistream/cluster): N nodes share jobs through Redis, HAProxy places sessions
+    redis_url: str | None = Field(
+        None, description="redis://HOST:PORT/DB; set = cluster mode (None = embedded, no Redis)"
+    )
+    node_id: str | None = Field(None, description="This node's id (default: host:port)")
+    advertise_url: str | None = Field(
+        None, description="How other nodes reach this one (default http://host:port)"
+    )
+    agent_port: int | None = Field(
+        None, description="TCP port answering HAProxy agent checks (None = no agent)"
+    )
+    cluster_secret: str | None = Field(
+        None, description="Shared secret authenticating node-to-node calls (internal routes)"
+    )
+    cluster_lease_s: float = Field(
+        5.0, gt=0, description="A claimed job whose node stopped renewing this long runs elsewhere"
+    )
+    cluster_max_deliveries: int = Field(
+        3, ge=1, description="Starts a job gets (crashes, hangs, releases) before it fails"
+    )
+    cluster_node_ttl_s: float = Field(
+        5.0, gt=0, description="A node missing this long drops out of the registry"
+    )
+    drain_grace_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long live sessions and running jobs may finish"
+    )
+    cluster_shared_artifacts: bool = Field(
+        False, description="Every node mounts the same artifacts_dir (no node-to-node fetch)"
+    )
+
+    # Inference gateway (omnistream/gateway): upstream providers, fallback, web fetch
+    providers_file: str | None = Field(
+        None, description="YAML file of upstream providers, aliases and combos (--providers)"
+    )
+    gateway_breaker_failures: int = Field(
+        5, ge=1, le=15, description="Consecutive failures of a provider that open its circuit"
+    )
+    gateway_breaker_cooldown_s: float = Field(
+        30.0, gt=0, description="An open circuit refuses calls this long before a probe"
+    )
+    gateway_deadline_s: float = Field(
+        300.0, gt=0, description="Longest a gateway request may take, all fallbacks included"
+    )
+    web_fetch_allow: list[str] = Field(
+        default_factory=list,
+        description="Hosts or CIDRs local/fetch may reach although private/loopback "
+        '(e.g. ["10.0.0.0/8", "intranet.example"]); none = only public addresses',
+    )
+    web_fetch_max_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="Largest fetched page")
+    web_fetch_timeout_s: float = Field(15.0, gt=0, description="Longest a page fetch may take")
+    embedding_max_batch: int = Field(
+        64, ge=1, description="Texts one local embedding model call may carry"
+    )

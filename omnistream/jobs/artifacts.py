@@ -9,6 +9,7 @@ no request can name a path outside this directory.
 
 from __future__ import annotations
 
+import hashlib
 import mimetypes
 import os
 import re
@@ -34,6 +35,11 @@ MIME_BY_EXT = {
     ".png": "image/png",
     ".jpg": "image/jpeg",
 }
+
+
+def owner_tag(owner: str | None) -> str:
+    """The short, non-reversible digest of an owner id that a file name carries."""
+    return hashlib.sha256((owner or "anonymous").encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -63,11 +69,15 @@ class ArtifactStore:
         """Create the directory (blocking)."""
         self.directory.mkdir(parents=True, exist_ok=True)
 
-    def reserve(self, ext: str) -> Reservation:
-        """A fresh id and the paths for one artifact (nothing is created yet)."""
+    def reserve(self, ext: str, owner: str | None = None) -> Reservation:
+        """A fresh id and the paths for one artifact (nothing is created yet).
+
+        The owner (the key that asked for the run) is kept in the file name as a short
+        digest, so ownership survives a restart and needs no index beside the files.
+        """
         ext = ext if ext.startswith(".") else f".{ext}"
         file_id = f"file_{secrets.token_hex(12)}"
-        final = self.directory / f"{file_id}{ext}"
+        final = self.directory / f"{file_id}.{owner_tag(owner)}{ext}"
         return Reservation(file_id, ext, final.with_name(final.name + PART_SUFFIX), final)
 
     def commit(self, reservation: Reservation) -> int:
@@ -85,11 +95,17 @@ class ArtifactStore:
             except FileNotFoundError:
                 pass
 
-    def find(self, file_id: str) -> Path | None:
-        """The committed file of an id, or ``None`` (also for ids that are not ids)."""
+    def find(self, file_id: str, owner: str | None = None) -> Path | None:
+        """The committed file of an id, or ``None`` (also for ids that are not ids).
+
+        With ``owner``, a file another key's run wrote is ``None`` too: to a caller
+        it does not exist.
+        """
         if not FILE_ID_RE.match(file_id) or not self.directory.is_dir():
             return None
         for candidate in self.directory.glob(f"{file_id}.*"):
+            if owner is not None and candidate.name.split(".")[1] != owner_tag(owner):
+                continue
             if candidate.suffix != PART_SUFFIX and candidate.is_file():
                 if time.time() - candidate.stat().st_mtime > self.ttl_s:
                     return None

@@ -249,6 +249,6 @@ class RunContext:
 
     def reserve(self, ext: str) -> Reservation:
         """Reserve an artifact path; discarded automatically if the run does not succeed."""
-        reservation = self.artifacts.reserve(ext)
+        reservation = self.artifacts.reserve(ext, self.job.owner)
         self.reservations.append(reservation)
         return reservation

@@ -167,6 +167,10 @@ class JobRecord(BaseModel):
     enqueued_at_ms: float
     started_at_ms: float | None = None
     finished_at_ms: float | None = None
+    node: str | None = None
+    """The node that runs or ran the job (its RunReport ``worker_id``)."""
+    owner: str | None = None
+    """The key (by name: ``key:<name>``) whose job this is; ``anonymous`` without keys."""
 
 
 class Span(BaseModel):

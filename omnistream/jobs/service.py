@@ -13,9 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from omnistream.auth import current_principal
+from omnistream.auth.service import QuotaExceeded
 from omnistream.engine.devices import pick_device
 from omnistream.engine.registry import CheckpointRefused, ModelSpec
 from omnistream.jobs.artifacts import ArtifactStore
+from omnistream.jobs.backend import JobBackend, LocalJobBackend
 from omnistream.jobs.errors import GenerateError, JobCancelled
 from omnistream.jobs.inputs import InputLimits, Upload
 from omnistream.jobs.runtime import WORKER_ID, RunContext, peak_rss_bytes, run_offline
@@ -65,6 +68,10 @@ class JobService:
         )
         self.base_url = ""
         self._dir_ready = False
+        # The node id in RunReports and job records; a cluster node sets its own.
+        self.worker_id = WORKER_ID
+        # Embedded by default; `serve --redis-url` swaps in the cluster backend at start-up.
+        self.backend: JobBackend = LocalJobBackend(self)
 
     @classmethod
     def of(cls, state: AppState) -> JobService:
@@ -79,7 +86,16 @@ class JobService:
 
     async def aclose(self) -> None:
         """Cancel running jobs (server shutdown)."""
+        await self.backend.aclose()
         await self.store.aclose()
+
+    async def find(self, job_id: str) -> Job | None:
+        """A job by id, wherever it runs (``None`` when unknown or expired)."""
+        return await self.backend.find(job_id)
+
+    async def list_jobs(self) -> list[Job]:
+        """Every job kept, oldest first."""
+        return await self.backend.list()
 
     # -- resolving -------------------------------------------------------------------
 
@@ -143,6 +159,7 @@ class JobService:
         self, request: GenerateRequest, uploads: dict[str, Upload] | None = None, *, mode: str
     ) -> Job:
         """Check, prepare and enqueue a run; returns its job at once (state ``queued``)."""
+        await self._check_key_quota()
         spec = self.resolve(request)
         prepared, inputs_ms = await self.prepare(request, spec, uploads or {})
         if not self._dir_ready:
@@ -150,8 +167,22 @@ class JobService:
             await run_offline(self.artifacts.sweep)  # what expired while the server was down
             self._dir_ready = True
         job = self.store.add(request, spec.id, mode=mode)
-        job.task = asyncio.create_task(self._run(job, spec, prepared, inputs_ms), name=job.id)
+        await self.backend.start(job, spec, prepared, inputs_ms, uploads or {})
         return job
+
+    async def _check_key_quota(self) -> None:
+        """Refuse (429) when the calling key already has its ``max_queued_jobs`` active."""
+        caller = current_principal()
+        if caller.max_queued_jobs is None:
+            return
+        active = sum(
+            1 for j in await self.backend.list()
+            if j.owner == caller.owner and j.state in ("queued", "running")
+        )
+        try:
+            self.state.auth.check_queued_jobs(caller, active)
+        except QuotaExceeded as exc:
+            raise GenerateError(429, "rate_limited", exc.message) from exc
 
     async def run_sync(
         self, request: GenerateRequest, uploads: dict[str, Upload] | None = None
@@ -162,7 +193,8 @@ class JobService:
         return job
 
     async def cancel(self, job: Job) -> Job:
-        """Stop a queued or running job (at its next step) and wait for it to stop.
+        """Stop a queued or running job (at its next step); returns it once it stopped,
+        or (a job running on another node) still stopping.
 
         Raises:
             GenerateError: 409 when the job has already finished.
@@ -173,6 +205,12 @@ class JobService:
                 "job_finished",
                 f"Job {job.id} already finished ({job.state}); nothing to cancel.",
             )
+        return await self.backend.cancel(job)
+
+    async def cancel_local(self, job: Job) -> Job:
+        """Cancel a job of this process and wait (bounded) for it to stop."""
+        if job.terminal:
+            return job
         job.request_cancel()
         if job.state == "queued":
             self._finish_cancelled(job, "cancelled before it started")
@@ -191,7 +229,10 @@ class JobService:
         job.finish("cancelled", error=JobError(code="job_cancelled", message=message))
         job.emit("job_cancelled", message=message)
 
-    async def _run(self, job: Job, spec: ModelSpec, prepared: Prepared, inputs_ms: float) -> None:
+    async def run_local(
+        self, job: Job, spec: ModelSpec, prepared: Prepared, inputs_ms: float
+    ) -> None:
+        """Run a job in this process once a job slot is free (its state ends terminal)."""
         try:
             async with self.store.slots:
                 if job.terminal:
@@ -212,6 +253,7 @@ class JobService:
         request = job.request
         job.state = "running"
         job.started_at_ms = now_ms()
+        job.node = self.worker_id
         queued_ms = job.started_at_ms - job.enqueued_at_ms
         ctx: RunContext | None = None
         try:
@@ -224,7 +266,9 @@ class JobService:
             except CheckpointRefused as exc:
                 raise GenerateError(400, "invalid_config", str(exc)) from exc
             ctx = RunContext(job, spec, runner, device, self.artifacts, self)
-            ctx.emit("job_started", model=spec.id, device=device)
+            if request.model and request.model != spec.id:  # a profile's degrade_to
+                ctx.extra["degraded_from"] = request.model
+            ctx.emit("job_started", model=spec.id, device=device, **job.started_data)
             ctx.add_time("inputs", inputs_ms)
             ctx.add_time("job_queue", queued_ms)
             started = time.perf_counter()
@@ -284,7 +328,7 @@ class JobService:
             backend=job.request.backend,
             job_id=job.id,
             trace_id=job.trace_id,
-            worker_id=WORKER_ID,
+            worker_id=self.worker_id,
             execution_mode="async"
             if job.mode == "async"
             else ("cli" if job.mode == "cli" else "sync"),

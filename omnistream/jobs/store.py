@@ -12,9 +12,10 @@ import asyncio
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from omnistream.auth import current_principal
 from omnistream.jobs.errors import GenerateError
 from omnistream.jobs.schemas import (
     TERMINAL_EVENTS,
@@ -41,8 +42,13 @@ class Job:
     the ``is_stale`` callables the run passes with its work items (a plain bool read).
     """
 
-    def __init__(self, request: GenerateRequest, model: str, *, mode: str) -> None:
+    def __init__(
+        self, request: GenerateRequest, model: str, *, mode: str, owner: str | None = None
+    ) -> None:
         self.id = f"job_{secrets.token_hex(10)}"
+        # The key that asked for the run (the request's caller unless given): only that
+        # key, or an admin key, sees the job and its files.
+        self.owner = owner if owner is not None else current_principal().owner
         self.trace_id = f"trace_{secrets.token_hex(12)}"
         self.request = request
         self.model = model
@@ -59,6 +65,10 @@ class Job:
         self.cancelled = asyncio.Event()
         self.done = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self.node: str | None = None  # the node that runs or ran it (its RunReport worker_id)
+        self.started_data: dict[str, Any] = {}  # extra job_started data (a cluster's attempt)
+        # Called with each event before followers wake (a cluster backend persists them).
+        self.listeners: list[Callable[[JobEvent], None]] = []
         self._changed = asyncio.Event()
 
     # -- events ------------------------------------------------------------------------
@@ -73,12 +83,18 @@ class Job:
             stage=stage,
             data=data,
         )
+        for listener in list(self.listeners):
+            listener(record)
+        self.append(record)
+        return record
+
+    def append(self, record: JobEvent) -> None:
+        """Add an event recorded elsewhere (a cluster node's log) and wake followers."""
         self.events.append(record)
-        if event in TERMINAL_EVENTS:
+        if record.event in TERMINAL_EVENTS:
             self.done.set()
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
-        return record
 
     def changed(self) -> asyncio.Event:
         """An event set at the next :meth:`emit` (take it, then check, then wait)."""
@@ -136,6 +152,8 @@ class Job:
             enqueued_at_ms=self.enqueued_at_ms,
             started_at_ms=self.started_at_ms,
             finished_at_ms=self.finished_at_ms,
+            node=self.node,
+            owner=self.owner,
         )
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
 from omnistream import __version__
+from omnistream.auth.service import AuthService
 from omnistream.codecs.jpeg import JpegEncoderPool
 from omnistream.engine.capacity import CapacityPlanner
 from omnistream.engine.engine import Engine
@@ -19,7 +22,11 @@ from omnistream.models.catalog import build_registry
 from omnistream.sessions.avatar import AvatarService
 from omnistream.sessions.manager import SessionManager
 from omnistream.settings import Settings
+from omnistream.transports.edge import install_edge
 from omnistream.transports.state import AppState
+
+if TYPE_CHECKING:
+    from omnistream.profiles.launch import ProfileRuntime
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +58,8 @@ def build_state(settings: Settings) -> AppState:
         planner, metrics, max_sessions=settings.max_sessions, idle_timeout_s=settings.idle_timeout_s
     )
     avatars = AvatarService(engine, sessions, metrics, settings)
-    return AppState(settings, metrics, registry, engine, sessions, avatars)
+    auth = AuthService(settings, metrics.registry)
+    return AppState(settings, metrics, registry, engine, sessions, avatars, auth)
 
 
 async def _watch_loop_lag(state: AppState) -> None:
@@ -63,8 +71,24 @@ async def _watch_loop_lag(state: AppState) -> None:
         state.metrics.event_loop_lag.observe(max(0.0, loop.time() - expected))
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app. Models load on first use, or at start-up with warmup routes."""
+def _reload_keys_on_sighup(state: AppState) -> None:
+    """SIGHUP re-reads the key file; live sessions and in-flight requests carry on."""
+    if state.auth.keys is None:
+        return
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        # Only the main thread may own signals (a server run inside a test thread skips).
+        loop.add_signal_handler(signal.SIGHUP, state.auth.reload)
+
+
+def create_app(
+    settings: Settings | None = None, profile: ProfileRuntime | None = None
+) -> FastAPI:
+    """Build the app. Models load on first use, or at start-up with warmup routes.
+
+    With a Runtime Profile the app also opens the profile's model ports and warms its
+    models at start-up (``/readyz`` answers 503 until that is done).
+    """
     settings = settings or Settings()
 
     @contextlib.asynccontextmanager
@@ -73,7 +97,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.omni = state
         app.state.started_at = time.time()
         state.sessions.start()
+        _reload_keys_on_sighup(state)
         lag = asyncio.create_task(_watch_loop_lag(state), name="loop-lag")
+        if profile is not None:
+            await profile.start(state, app)
         try:
             yield
         finally:
@@ -85,6 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.to_thread(state.engine.close)
 
     app = FastAPI(title="omnistream", version=__version__, lifespan=lifespan)
+    install_edge(app, settings)
 
     from omnistream.transports import avatar_native, flashtalk, http_common
 
@@ -95,6 +123,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(tts_http.router)
     app.include_router(tts_ws.router)
+    from omnistream.transports import text2audio_service
+
+    app.include_router(text2audio_service.router)
     from omnistream.transports import generate_http
 
     app.include_router(generate_http.router)

@@ -25,6 +25,7 @@ from fastapi.responses import (
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from omnistream.auth import principal_of
 from omnistream.jobs.errors import GenerateError
 from omnistream.jobs.inputs import Upload
 from omnistream.jobs.schemas import TERMINAL_EVENTS, GenerateRequest, JobTrace
@@ -184,9 +185,10 @@ async def generate(request: Request) -> Response:
     )
 
 
-def _job_or_error(request: Request | WebSocket, job_id: str) -> Job:
-    job = _service(request).store.get(job_id)
-    if job is None:
+async def _job_or_error(request: Request | WebSocket, job_id: str) -> Job:
+    job = await _service(request).find(job_id)
+    # Another key's job is answered exactly like one that does not exist.
+    if job is None or not principal_of(request).may_see(job.owner):
         raise GenerateError(404, "job_not_found", f"No job with id '{job_id}'.")
     try:  # the tier policy covers jobs too: a server narrowed since hides the others
         get_state(request).resolve_model(job.model)
@@ -199,7 +201,8 @@ def _job_or_error(request: Request | WebSocket, job_id: str) -> Job:
 @router.get("/v1/jobs")
 async def list_jobs(request: Request) -> dict[str, Any]:
     """Jobs still kept, newest first (records without their event logs)."""
-    jobs = _service(request).store.all()
+    caller = principal_of(request)
+    jobs = [j for j in await _service(request).list_jobs() if caller.may_see(j.owner)]
     return {
         "object": "list",
         "data": [j.record(with_events=False).model_dump(mode="json") for j in reversed(jobs)],
@@ -210,7 +213,7 @@ async def list_jobs(request: Request) -> dict[str, Any]:
 async def get_job(request: Request, job_id: str) -> Response:
     """The job record (state, events, result once succeeded)."""
     try:
-        job = _job_or_error(request, job_id)
+        job = await _job_or_error(request, job_id)
     except GenerateError as exc:
         return error_response(exc, "jobs", request)
     return JSONResponse(job.record().model_dump(mode="json"))
@@ -218,21 +221,26 @@ async def get_job(request: Request, job_id: str) -> Response:
 
 @router.delete("/v1/jobs/{job_id}")
 async def cancel_job(request: Request, job_id: str) -> Response:
-    """Cancel a queued or running job; it stops at its next step. 409 once finished."""
+    """Cancel a queued or running job; it stops at its next step. 409 once finished.
+
+    200 with the stopped job; 202 when it runs on another node and is still stopping.
+    """
     service = _service(request)
     try:
-        job = _job_or_error(request, job_id)
+        job = await _job_or_error(request, job_id)
         job = await service.cancel(job)
     except GenerateError as exc:
         return error_response(exc, "jobs", request)
-    return JSONResponse(job.record().model_dump(mode="json"))
+    return JSONResponse(
+        job.record().model_dump(mode="json"), status_code=200 if job.terminal else 202
+    )
 
 
 @router.get("/v1/jobs/{job_id}/trace")
 async def job_trace(request: Request, job_id: str) -> Response:
     """The job's spans: the run, then one per stage, with durations and status."""
     try:
-        job = _job_or_error(request, job_id)
+        job = await _job_or_error(request, job_id)
     except GenerateError as exc:
         return error_response(exc, "jobs", request)
     trace = JobTrace(trace_id=job.trace_id, job_id=job.id, spans=list(job.spans))
@@ -267,7 +275,7 @@ async def _event_stream(job: Job, start: int) -> AsyncIterator[bytes]:
 async def job_events(request: Request, job_id: str) -> Response:
     """Server-sent events: every event so far, then new ones; ends with the job."""
     try:
-        job = _job_or_error(request, job_id)
+        job = await _job_or_error(request, job_id)
     except GenerateError as exc:
         return error_response(exc, "jobs", request)
     start = 0
@@ -290,7 +298,7 @@ async def job_stream(websocket: WebSocket, job_id: str) -> None:
     """
     state = get_state(websocket)
     try:
-        job = _job_or_error(websocket, job_id)
+        job = await _job_or_error(websocket, job_id)
     except GenerateError as exc:
         # Refuse the handshake with the HTTP status (404 unknown, 403 tier policy), the
         # same way the avatar WebSocket routes refuse a model.
@@ -365,8 +373,13 @@ async def job_stream(websocket: WebSocket, job_id: str) -> None:
 async def get_file(request: Request, file_id: str) -> Response:
     """An artifact written by a run (404 once expired or for ids that are not ids)."""
     service = _service(request)
-    path = await asyncio.to_thread(service.artifacts.find, file_id)
+    caller = principal_of(request)
+    owner = None if caller.is_admin else caller.owner
+    path = await asyncio.to_thread(service.artifacts.find, file_id, owner)
     if path is None:
+        remote = await service.backend.file_response(file_id)  # held by another node
+        if remote is not None:
+            return remote
         return error_response(
             GenerateError(404, "file_not_found", f"No file with id '{file_id}'."), "files", request
         )

@@ -7,6 +7,8 @@ from typing import Any
 
 from starlette.requests import HTTPConnection
 
+from omnistream.auth import current_principal
+from omnistream.auth.service import AuthService
 from omnistream.engine.engine import Engine
 from omnistream.engine.registry import ModelRegistry, ModelSpec, ModelUnavailable
 from omnistream.metrics import Metrics
@@ -35,6 +37,7 @@ class AppState:
     engine: Engine
     sessions: SessionManager
     avatars: AvatarService
+    auth: AuthService
     extras: dict[str, Any] = field(default_factory=dict)
 
     def resolve_model(self, model_id: str, task: str | None = None) -> ModelSpec:
@@ -70,8 +73,11 @@ class AppState:
         return spec, self.engine.checkpoint(model_id, model_path)
 
     def _allowed(self, model_id: str, task: str | None) -> ModelSpec:
-        """The spec, if it exists for ``task`` and the tier policy allows it (404/403)."""
-        spec = self.registry.get(model_id)
+        """The spec, if it exists for ``task`` and the tier policy allows it (404/403).
+
+        A model a Runtime Profile degraded resolves to its fallback's spec.
+        """
+        spec = self.registry.get(self.registry.serving_id(model_id))
         if spec is None or (task is not None and task not in spec.tasks):
             known = ", ".join(s.id for s in self.registry.specs(task)) or "none"
             raise ModelAccessError(
@@ -84,6 +90,14 @@ class AppState:
                 "model_tier_forbidden",
                 f"Model '{model_id}' is tier '{spec.tier}', not in this server's allowed "
                 f"tiers ({allowed}).",
+            )
+        caller = current_principal()
+        if caller.tiers is not None and str(spec.tier) not in caller.tiers:
+            raise ModelAccessError(
+                403,
+                "model_tier_forbidden",
+                f"Model '{model_id}' is tier '{spec.tier}'; key '{caller.name}' may use "
+                f"tiers {', '.join(sorted(caller.tiers))}.",
             )
         return spec
 

@@ -26,6 +26,7 @@ import binascii
 import contextlib
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncGenerator
@@ -48,6 +49,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from omnistream.auth import principal_of
+from omnistream.auth.service import QuotaExceeded
 from omnistream.codecs.image import ImageError
 from omnistream.engine.registry import CheckpointRefused
 from omnistream.models.tts.base import VoiceInfo
@@ -474,11 +477,30 @@ async def _answer(state: AppState, request: Request) -> dict[str, Any]:
             convert=state.engine.planner.meter(CONVERT_STAGE),
         ),
     )
-    # Admission first (nothing is prepared for a refused client), then the reference,
-    # prepared once per image by the avatar service's cache.
+    # The caller's per-key session slot, then admission (nothing is prepared for a
+    # refused client), then the reference, prepared once per image by the avatar cache.
+    caller = principal_of(request)
+    try:
+        state.auth.acquire_session(caller)
+    except QuotaExceeded as exc:
+        raise WebRTCError(
+            429, "rate_limited", exc.message, retry_after=math.ceil(exc.retry_after)
+        ) from exc
+    key_slot = [True]
+
+    def release_key_slot() -> None:
+        if key_slot:
+            key_slot.clear()
+            state.auth.release_session(caller)
+
+    async def on_close(_: WebRTCAvatarSession) -> None:
+        release_key_slot()
+
+    session.on_close.append(on_close)
     try:
         state.sessions.admit(session)
     except CapacityExceeded as exc:
+        release_key_slot()
         raise WebRTCError(
             429, "capacity_exceeded", str(exc), retry_after=exc.retry_after_s
         ) from exc
@@ -488,9 +510,11 @@ async def _answer(state: AppState, request: Request) -> dict[str, Any]:
         )
     except ImageError as exc:
         state.sessions.release(session)
+        release_key_slot()
         raise WebRTCError(400, "bad_image", f"Invalid image: {exc}") from exc
     except Exception as exc:
         state.sessions.release(session)
+        release_key_slot()
         log.exception("preparing the avatar failed")
         raise WebRTCError(500, "runtime_error", f"Init failed: {exc}") from exc
     reference = avatar_session.reference
@@ -783,10 +807,24 @@ def _asset(name: str) -> bytes:
 
 @router.get("/demo", response_class=HTMLResponse)
 @router.get("/demo/", response_class=HTMLResponse, include_in_schema=False)
-async def demo_page() -> HTMLResponse:
-    """The browser demo: one self-contained page, no build step."""
+async def demo_page(request: Request) -> HTMLResponse:
+    """The browser demo: one self-contained page, no build step.
+
+    With keys on, the page carries a short-lived client secret minted for the caller (who
+    opened it with a key, e.g. ``/demo?api_key=…``), so the page never holds the key.
+    """
     page = await asyncio.to_thread(_asset, "index.html")
-    return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+    state = get_state(request)
+    if state.auth.enabled:
+        secret, _ = state.auth.secrets.mint(
+            principal_of(request), state.settings.client_secret_ttl_s
+        )
+        page = page.replace(
+            b'name="omnistream-client-secret" content=""',
+            b'name="omnistream-client-secret" content="' + secret.encode() + b'"',
+            1,
+        )
+    return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
 
 __all__ = ["router", "runtime"]
