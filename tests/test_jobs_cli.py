@@ -124,37 +124,31 @@ def test_models_and_manifest() -> None:
     assert listing.returncode == 0
     assert "whisper-tiny.en" in listing.stdout and "espeak-ng" not in listing.stdout
     manifest = json.loads(omni("models", "omni-avatar-lite", "--manifest").stdout)
-    for key in (
-        "tasks",
-        "inputs",
-        "outputs",
-        "streaming",
-        "resident",
-        "service_adapters",
-        "backends",
-    ):
+    for key in ("model", "task", "inputs", "outputs", "streaming", "resident",
+                "service_adapter", "backends"):
         assert key in manifest
-    assert "audio" in manifest["inputs"]["audio2video"]
+    assert manifest["model"] == "omni-avatar-lite" and manifest["task"] == "audio2video"
+    assert "audio" in manifest["inputs"]
     everything = json.loads(omni("models", "--manifest").stdout)["models"]
-    assert {m["id"] for m in everything} >= {"whisper-tiny.en", "omni-avatar-lite", "hibari"}
+    assert {m["model"] for m in everything} >= {"whisper-tiny.en", "omni-avatar-lite", "hibari"}
     assert omni("models", "nope").returncode == 1
     assert omni("models", "espeak-ng", "--tier", "core").returncode == 1
 
 
 PROFILE = """\
 name: edge-box
-services:
-  - {name: avatar, kind: websocket, port: 8000}
+version: 1.0.0
+defaults: {max_concurrency: 8, preload: true}
 models:
   - id: omni-avatar-lite
+    task: audio2video
     backend: cpu
-    replicas: 2
+    service: realtime-avatar.ws.v1
+    port: 8765
+    concurrency: 2
   - id: whisper-tiny.en
-ports: {http: 8000, metrics: 9100}
-resources: {cpus: 2, memory_gb: 4}
-warmup: {models: [omni-avatar-lite], timeout_s: 60}
-concurrency: {max_sessions: 8, max_running_jobs: 1}
-fallbacks: []
+    task: audio2text
+    service: batch-generate.v1
 """
 
 
@@ -165,26 +159,24 @@ def test_profile_validate_is_line_precise(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     schema = tmp_path / "schema.yaml"
     schema.write_text(
-        PROFILE.replace("replicas: 2", "replicas: 0").replace(
-            "max_running_jobs: 1", "max_running_jobs: 1, turbo: true"
-        )
+        PROFILE.replace("concurrency: 2", "concurrency: 0").replace("port: 8765", "port: 70000")
     )
     r = omni("profile", "validate", str(schema))
     assert r.returncode == 1
-    assert f"{schema}:7:" in r.stderr and "replicas" in r.stderr
-    assert f"{schema}:12:" in r.stderr and "turbo" in r.stderr
+    assert f"{schema}:10:" in r.stderr and "concurrency" in r.stderr
+    assert f"{schema}:9:" in r.stderr and "port" in r.stderr
     refs = tmp_path / "refs.yaml"
     refs.write_text(
-        PROFILE.replace("id: whisper-tiny.en", "id: whisper-huge")
-        .replace("[omni-avatar-lite]", "[hibari]")
-        .replace("backend: cpu", "backend: cuda")
+        PROFILE.replace("id: whisper-tiny.en", "id: whisper-huge").replace(
+            "service: batch-generate.v1", "service: batch-generate.v1\n    port: 8765"
+        )
     )
     r = omni("profile", "validate", str(refs))
     lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and len(lines) == 3, r.stderr
-    assert any(f"{refs}:8:" in line and "whisper-huge" in line for line in lines)
-    assert any(f"{refs}:11:" in line and "hibari" in line for line in lines)
-    assert any(f"{refs}:6:" in line and "gpus" in line for line in lines)
+    assert r.returncode == 1 and len(lines) == 2, r.stderr
+    assert any(f"{refs}:11:" in line and "warning" in line and "whisper-huge" in line
+               for line in lines)
+    assert any(f"{refs}:14:" in line and "error" in line and "8765" in line for line in lines)
     broken = tmp_path / "broken.yaml"
     broken.write_text("name: x\nmodels:\n  - id: a\n   backend: cpu\n")
     r = omni("profile", "validate", str(broken))

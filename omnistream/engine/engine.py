@@ -133,6 +133,11 @@ class Engine:
             CheckpointRefused: ``max_request_checkpoints`` other checkpoints of this
                 model are already resident.
         """
+        # A Runtime Profile may serve a model with its fallback (unless the request brings
+        # the model's own weights) and pin its backend.
+        if checkpoint is None:
+            model_id = self.registry.serving_id(model_id)
+        backend = self.registry.backend_for(model_id, backend)
         if checkpoint is None:
             spec = self.spec(model_id)
         else:

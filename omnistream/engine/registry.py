@@ -96,6 +96,10 @@ class ModelRegistry:
         self.allowed_tiers: frozenset[Tier] = frozenset(
             Tier(t) for t in (allowed_tiers or list(Tier))
         )
+        # Set by a Runtime Profile: models that cannot load here and the model serving
+        # their requests instead (``degrade_to``), and each model's default backend.
+        self._degraded: dict[str, tuple[str, str]] = {}
+        self._backends: dict[str, str] = {}
 
     def register(self, spec: ModelSpec) -> None:
         """Add a spec; ids are unique."""
@@ -106,6 +110,29 @@ class ModelRegistry:
     def get(self, model_id: str) -> ModelSpec | None:
         """The spec for an id, tier policy ignored (use :meth:`allowed` to enforce it)."""
         return self._specs.get(model_id)
+
+    def degrade(self, model_id: str, fallback_id: str, reason: str) -> None:
+        """Serve ``model_id``'s requests with ``fallback_id`` (a profile's ``degrade_to``)."""
+        if fallback_id not in self._specs:
+            raise KeyError(fallback_id)
+        self._degraded[model_id] = (fallback_id, reason)
+
+    def degraded(self) -> dict[str, tuple[str, str]]:
+        """Degraded model id → (fallback id, why the model itself cannot serve)."""
+        return dict(self._degraded)
+
+    def serving_id(self, model_id: str) -> str:
+        """The model that actually serves requests for ``model_id`` (itself unless degraded)."""
+        entry = self._degraded.get(model_id)
+        return entry[0] if entry is not None else model_id
+
+    def set_backend(self, model_id: str, backend: str) -> None:
+        """The backend a request's ``auto`` means for this model (a profile's ``backend``)."""
+        self._backends[model_id] = backend
+
+    def backend_for(self, model_id: str, backend: str = "auto") -> str:
+        """A request's backend, with ``auto`` replaced by the model's configured one."""
+        return self._backends.get(model_id, backend) if backend == "auto" else backend
 
     def allowed(self, spec: ModelSpec) -> bool:
         """Whether the server's tier policy lets clients use this model."""

@@ -22,14 +22,9 @@ from typing import Any
 import yaml
 
 from omnistream.jobs.schemas import TASKS, GenerateRequest
-from omnistream.jobs.yamlsource import SourceDocument, SourceError, parse_error
+from omnistream.jobs.yamlsource import SourceDocument, parse_error
 
 MEDIA_INPUTS = ("audio", "image", "mask")
-SERVICE_ADAPTERS = {
-    "audio2video": ["flashtalk.ws", "avatar.realtime.ws", "webrtc", "/v1/generate"],
-    "text2audio": ["text2audio.service.v1", "openai.audio.speech", "/v1/generate"],
-    "audio2text": ["openai.audio.transcriptions", "/v1/generate"],
-}
 
 
 def register(subparsers: Any) -> None:
@@ -80,12 +75,24 @@ def register(subparsers: Any) -> None:
         help="only these tiers (repeatable)",
     )
     m.add_argument("--json", action="store_true", help="JSON instead of a table")
+    m.add_argument(
+        "--profile", help="a Runtime Profile: show what serving it does to each model"
+    )
     m.set_defaults(func=cmd_models)
 
     p = subparsers.add_parser("profile", help="Runtime Profile tools")
     psub = p.add_subparsers(dest="profile_command", required=True)
-    pv = psub.add_parser("validate", help="check a Runtime Profile (line-precise errors)")
+    pv = psub.add_parser(
+        "validate",
+        help="check a Runtime Profile (OmniRT format): file:line:column errors and warnings",
+    )
     pv.add_argument("path")
+    pv.add_argument("--json", action="store_true", help="findings and the serving plan as JSON")
+    pv.add_argument(
+        "--strict",
+        action="store_true",
+        help="models or backends this server cannot serve are errors, not warnings",
+    )
     pv.set_defaults(func=cmd_profile_validate)
 
 
@@ -364,47 +371,34 @@ def cmd_validate(args: argparse.Namespace) -> int:
 # -- models --------------------------------------------------------------------------------
 
 
-def manifest(spec: Any) -> dict[str, Any]:
-    """The Model Capability Manifest of one model."""
-    from omnistream.jobs.tasks import TASK_IMPLS
+def manifest(spec: Any) -> Any:
+    """The Model Capability Manifest of one model (OmniRT field names)."""
+    from omnistream.profiles.manifest import manifest_of
 
-    caps = dict(spec.capabilities)
-    inputs: dict[str, list[str]] = {}
-    outputs: dict[str, list[str]] = {}
-    adapters: list[str] = []
-    for task in spec.tasks:
-        impl = TASK_IMPLS.get(task)
-        inputs[task] = list(impl.inputs) if impl else list(caps.get("inputs", []))
-        outputs[task] = list(impl.outputs) if impl else list(caps.get("outputs", []))
-        adapters += [a for a in SERVICE_ADAPTERS.get(task, []) if a not in adapters]
-    reason = spec.unavailable_reason()
-    return {
-        "id": spec.id,
-        "tasks": list(spec.tasks),
-        "tier": str(spec.tier),
-        "maturity": spec.maturity,
-        "owned_by": spec.owned_by,
-        "summary": spec.summary,
-        "inputs": inputs,
-        "outputs": outputs,
-        "streaming": caps.get("streaming", False),
-        "resident": caps.get("resident", True),
-        "service_adapters": adapters,
-        "backends": {d: True for d in spec.devices} | {"cpu-stub": "cpu" in spec.devices},
-        "available": reason is None,
-        "reason": reason or "",
-        "capabilities": caps,
-    }
+    return manifest_of(spec)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     """``omnistream models``: the registry, tier-filtered; one model's manifest by id."""
     from omnistream.models.catalog import build_registry
+    from omnistream.profiles.manifest import MANIFEST_SCHEMA_VERSION, manifest_entry, manifest_of
+    from omnistream.profiles.schema import ModelPlan, load_profile
     from omnistream.settings import Settings
 
     settings = Settings(**({"model_tiers": args.tier} if args.tier else {}))
     registry = build_registry(settings)
     specs = registry.specs()
+    plans: dict[str, ModelPlan] = {}
+    if args.profile:
+        try:
+            _, findings, plan_list = load_profile(args.profile, registry)
+        except OSError as exc:
+            print(f"{args.profile}: {exc}", file=sys.stderr)
+            return 1
+        for finding in findings:
+            if finding.level == "error":
+                print(finding, file=sys.stderr)
+        plans = {p.id: p for p in plan_list}
     if args.model_id:
         spec = registry.get(args.model_id)
         if spec is None:
@@ -421,15 +415,27 @@ def cmd_models(args: argparse.Namespace) -> int:
             )
             return 1
         specs = [spec]
-    if args.manifest or args.json or args.model_id:
-        data = [manifest(s) for s in specs]
-        payload: Any = data[0] if args.model_id else {"models": data}
-        if not args.manifest and not args.model_id:
-            payload = {
-                "models": [
-                    {k: d[k] for k in ("id", "tasks", "tier", "available", "reason")} for d in data
-                ]
-            }
+    if args.model_id:
+        print(json.dumps(manifest_of(specs[0], plans.get(specs[0].id)), indent=2, default=str))
+        return 0
+    if args.manifest:
+        entries = [manifest_entry(s, task, plans.get(s.id)) for s in specs for task in s.tasks]
+        payload: Any = {"schema_version": MANIFEST_SCHEMA_VERSION, "models": entries}
+        print(json.dumps(payload, indent=2, default=str))
+        return 0
+    if args.json:
+        payload = {
+            "models": [
+                {
+                    "id": s.id,
+                    "tasks": list(s.tasks),
+                    "tier": str(s.tier),
+                    "available": s.unavailable_reason() is None,
+                    "reason": s.unavailable_reason() or "",
+                }
+                for s in specs
+            ]
+        }
         print(json.dumps(payload, indent=2, default=str))
         return 0
     rows = [("ID", "TASKS", "TIER", "MATURITY", "AVAILABLE")]
@@ -454,25 +460,44 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_profile_validate(args: argparse.Namespace) -> int:
-    """``omnistream profile validate``: every error as ``file:line:column: message``."""
-    from omnistream.jobs.profile import validate_profile
+    """``omnistream profile validate``: findings as ``file:line:column: level: message``.
+
+    Exit 0 when there are no errors (warnings are printed), 1 otherwise. With ``--json``
+    the findings and each model's serving plan go to stdout as one object.
+    """
     from omnistream.models.catalog import build_registry
+    from omnistream.profiles.schema import load_profile
     from omnistream.settings import Settings
 
-    errors: list[SourceError]
     try:
-        doc = SourceDocument.read(args.path)
-    except yaml.YAMLError as exc:
-        errors = [parse_error(exc, args.path)]
+        profile, findings, plans = load_profile(
+            args.path, build_registry(Settings())
+        )
     except OSError as exc:
         print(f"{args.path}: {exc}", file=sys.stderr)
         return 1
-    else:
-        known = {s.id for s in build_registry(Settings()).specs(include_disallowed=True)}
-        errors = validate_profile(doc, known)
+    if args.strict:
+        findings = [f.strict() for f in findings]
+    errors = [f for f in findings if f.level == "error"]
+    warnings = [f for f in findings if f.level == "warning"]
+    if args.json:
+        payload = {
+            "path": args.path,
+            "valid": not errors,
+            "strict": bool(args.strict),
+            "name": profile.name if profile else None,
+            "version": profile.version if profile else None,
+            "errors": [f.as_dict() for f in errors],
+            "warnings": [f.as_dict() for f in warnings],
+            "models": [p.as_dict() for p in plans],
+        }
+        print(json.dumps(payload, indent=2, default=str))
+        return 1 if errors else 0
+    for finding in findings:
+        print(finding, file=sys.stderr)
     if errors:
-        for error in errors:
-            print(error, file=sys.stderr)
         return 1
-    print(f"{args.path}: ok")
+    served = sum(1 for p in plans if p.state != "unavailable")
+    summary = f"{len(warnings)} warning(s)" if warnings else "no warnings"
+    print(f"{args.path}: ok ({served} of {len(plans)} model(s) servable here; {summary})")
     return 0

@@ -438,6 +438,8 @@ class AvatarService:
             ImageError: the image cannot be decoded or is over the limits.
             RuntimeError: the model failed to load or to prepare the image.
         """
+        if checkpoint is None:  # a profile's degraded model: its fallback's session
+            model_id = self.engine.registry.serving_id(model_id)
         runner = self.engine.runner(model_id, backend, checkpoint=checkpoint)
         data = image_bytes if image_bytes is not None else default_avatar_bytes()
         placeholder = _Pending(model_id, float(geometry.fps), runner.capacity_stages)

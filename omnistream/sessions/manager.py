@@ -64,9 +64,19 @@ class SessionManager:
         self.idle_timeout_s = idle_timeout_s
         self._live: dict[str, ManagedSession] = {}
         self._reaper: asyncio.Task[None] | None = None
+        #: Live sessions allowed per model id (a Runtime Profile's ``concurrency``).
+        self.model_limits: dict[str, int] = {}
 
     def admit(self, session: ManagedSession) -> None:
         """Register a session, or raise :class:`CapacityExceeded` without registering it."""
+        model_id = getattr(session, "model_id", None)
+        limit = self.model_limits.get(model_id) if isinstance(model_id, str) else None
+        if limit is not None and self.live_for_model(model_id) >= limit:
+            self.metrics.sessions_refused.labels(session.kind, "model_concurrency").inc()
+            raise CapacityExceeded(
+                f"Model '{model_id}' is at its limit of {limit} concurrent session(s) "
+                "(the Runtime Profile's concurrency)."
+            )
         if len(self._live) >= self.max_sessions:
             self.metrics.sessions_refused.labels(session.kind, "max_sessions").inc()
             raise CapacityExceeded(f"Server is at its limit of {self.max_sessions} live sessions.")
@@ -91,6 +101,10 @@ class SessionManager:
         self._live[session.id] = session
         self.metrics.sessions_total.labels(session.kind).inc()
         self.metrics.live_sessions.labels(session.kind).inc()
+
+    def live_for_model(self, model_id: str | None) -> int:
+        """Live sessions (of any kind) on one model."""
+        return sum(1 for s in self._live.values() if getattr(s, "model_id", None) == model_id)
 
     def load(self) -> dict[str, float]:
         """What the live sessions use of each resource together (unmeasured ones count 0)."""

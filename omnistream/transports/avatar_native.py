@@ -252,6 +252,8 @@ class NativeConnection:
                     "motion_frames_num": g.motion_frames_num,
                 },
                 reference=session.reference.info,
+                # A Runtime Profile's degrade_to served the model the client asked for.
+                **({"degraded_from": model_id} if session.model_id != model_id else {}),
             )
         )
 

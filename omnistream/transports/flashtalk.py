@@ -175,6 +175,8 @@ class FlashTalkConnection:
             model=session.model_id,
             face_detected=bool(session.reference.info.get("face_detected", True)),
         )
+        if session.model_id != self.model_id:  # a Runtime Profile's degrade_to served it
+            reply["degraded_from"] = self.model_id
         await send_json(self.ws, reply, self.timeout)
 
     async def _expired(self, reason: str) -> None:

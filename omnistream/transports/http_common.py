@@ -26,9 +26,16 @@ async def health(request: Request) -> dict[str, Any]:
 
 
 @router.get("/readyz")
-async def ready(request: Request) -> dict[str, Any]:
-    """Readiness: tier policy and whether each core model is loaded and available."""
+async def ready(request: Request, response: Response) -> dict[str, Any]:
+    """Readiness: tier policy and whether each core model is loaded and available.
+
+    Under a Runtime Profile: 503 ``warming`` until its models are preloaded and warmed,
+    and a ``profile`` section with each model's state, fallback and warmup time.
+    """
+    from omnistream.profiles.launch import profile_runtime
+
     state = get_state(request)
+    degraded = state.registry.degraded()
     models = {
         spec.id: {
             "tier": str(spec.tier),
@@ -37,13 +44,27 @@ async def ready(request: Request) -> dict[str, Any]:
             "reason": spec.unavailable_reason() or "",
             "runners": state.engine.runtime(spec.id),
         }
+        | ({"degraded_to": degraded[spec.id][0]} if spec.id in degraded else {})
         for spec in state.registry.specs()
     }
-    return {
+    body: dict[str, Any] = {
         "status": "ready",
         "allowed_model_tiers": sorted(str(t) for t in state.registry.allowed_tiers),
         "models": models,
     }
+    runtime = profile_runtime(state)
+    if runtime is not None:
+        body["profile"] = runtime.report(state)
+        if not runtime.ready:
+            body["status"] = "warming"
+            response.status_code = 503
+    # A cluster node is not ready while it is full or draining (HAProxy stops sending).
+    reasons = [r for check in state.extras.get("readiness_checks", []) if (r := check())]
+    if reasons:
+        body["status"] = "unavailable"
+        body["reasons"] = reasons
+        response.status_code = 503
+    return body
 
 
 @router.get("/metrics")

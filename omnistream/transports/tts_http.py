@@ -171,6 +171,37 @@ def check_choice(value: Any, allowed: tuple[str, ...], name: str, code: str) -> 
     return str(value)
 
 
+#: How every voice here streams: one clause or sentence segment per model call.
+STREAMING_MODE = "sentence"
+STREAMING_MODES = ("token_window", "sentence")
+
+
+def ignored_config(config: dict[str, Any]) -> list[str]:
+    """OmniRT ``config`` keys a request may send that these voices accept but ignore.
+
+    ``streaming_mode`` ``token_window`` asks for audio per window of tokens: these voices
+    cut text into clauses and sentences instead (the first clause is kept short so audio
+    still starts early). ``temperature`` samples an autoregressive model; these voices
+    are deterministic. Both are accepted so OmniRT clients work, and reported back.
+
+    Raises:
+        TtsRequestError: ``streaming_mode`` is not one OmniRT defines, or ``temperature``
+            is not a number.
+    """
+    ignored: list[str] = []
+    mode = config.get("streaming_mode")
+    if mode is not None:
+        check_choice(mode, STREAMING_MODES, "config.streaming_mode", "unsupported_streaming_mode")
+        if mode != STREAMING_MODE:
+            ignored.append("streaming_mode")
+    temperature = config.get("temperature")
+    if temperature is not None:
+        if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+            raise TtsRequestError(400, "invalid_type", "config.temperature must be a number")
+        ignored.append("temperature")
+    return ignored
+
+
 async def read_json(request: Request) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 ``invalid_json``."""
     body = await request.body()
@@ -439,20 +470,25 @@ async def _text2audio(request: Request, path_model: str | None) -> Response:
         text = check_text(state, body.get("text"), "text")
         voice = resolve_voice(spec, body.get("voice") or body.get("speaker_profile"))
         if body.get("prompt_audio") or body.get("reference_text"):
+            names = [v.id for v in voice_catalog(spec)]
+            shown = ", ".join(names[:20]) + (" …" if len(names) > 20 else "")
             raise TtsRequestError(
                 400,
-                "unsupported_feature",
-                f"Model '{spec.id}' does not clone voices (prompt_audio/reference_text); "
-                "pick one of its voices instead.",
+                "voice_cloning_unsupported",
+                f"Model '{spec.id}' cannot clone a voice from prompt_audio/reference_text; "
+                f"name one of its voices in 'voice' or 'speaker_profile': {shown}",
             )
         audio_format = check_choice(
             body.get("audio_format") or "pcm_s16le", TEXT2AUDIO_FORMATS, "audio_format",
             "unsupported_format",
         )
-        rate = check_sample_rate(body.get("sample_rate"), sample_rate(spec))
         config = body.get("config") or {}
         if not isinstance(config, dict):
             raise TtsRequestError(400, "invalid_type", "config must be an object")
+        rate = check_sample_rate(
+            body.get("sample_rate", config.get("sample_rate")), sample_rate(spec)
+        )
+        ignored = ignored_config(config)
         speed = check_speed(config.get("speed", body.get("speed")))
         streaming = body.get("stream", True) is not False
         stream = await open_stream(state, spec, voice=voice, out_rate=rate, speed=speed)
@@ -460,6 +496,12 @@ async def _text2audio(request: Request, path_model: str | None) -> Response:
         return error_response(state, route, exc)
 
     headers = _stream_headers(stream, spec, rate)
+    headers["x-omnistream-streaming-mode"] = STREAMING_MODE
+    if ignored:
+        headers["x-omnistream-config-ignored"] = ",".join(ignored)
+    requested = path_model or body.get("model")
+    if isinstance(requested, str) and state.registry.serving_id(requested) != requested:
+        headers["x-omnistream-degraded-from"] = requested
     media_type = f"audio/L16; rate={rate}; channels=1" if audio_format == "pcm_s16le" else (
         "audio/wav"
     )
