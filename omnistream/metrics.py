@@ -150,6 +150,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
+        self.voice_agent_latency = Histogram(
+            "omnistream_voice_agent_latency_seconds",
+            "Voice agent turn latency by stage: voice_to_voice (end of user speech to first "
+            "agent audio), vad_hangover, transcription, llm_ttft, tts_first_audio, barge_in",
+            ["stage"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.jobs_total = Counter(
             "omnistream_jobs_total", "Offline jobs finished", ["task", "state"], registry=r
         )

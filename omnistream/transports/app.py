@@ -132,5 +132,8 @@ def create_app(
     from omnistream.transports import webrtc as webrtc_routes
 
     app.include_router(webrtc_routes.router)
+    from omnistream.transports import realtime_ws
+
+    app.include_router(realtime_ws.router)
     app.include_router(flashtalk.router)  # last: it owns the catch-all `WS /`
     return app
