@@ -8,6 +8,13 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+
+def _lingering_connections() -> float:
+    from omnistream.transports.ws_protocol import lingering_connections
+
+    return float(lingering_connections())
+
+
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
 
 
@@ -70,6 +77,19 @@ class Metrics:
         )
         self.frames_encoded = Counter(
             "omnistream_frames_encoded_total", "JPEG frames encoded", registry=r
+        )
+        # Sockets the server is done with that are not closed yet (a peer that stopped
+        # reading); omnistream.transports.ws_protocol aborts them after a bounded wait.
+        self.ws_lingering = Gauge(
+            "omnistream_ws_lingering_connections",
+            "WebSocket connections closed by the server whose TCP socket is still open",
+            registry=r,
+        )
+        self.ws_lingering.set_function(_lingering_connections)
+        self.ws_aborted = Counter(
+            "omnistream_ws_aborted_total",
+            "WebSocket connections aborted because the peer stopped reading",
+            registry=r,
         )
         # Streaming TTS (omnistream/sessions/tts.py)
         self.tts_streams_live = Gauge(

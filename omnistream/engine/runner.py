@@ -34,7 +34,10 @@ class Priority(IntEnum):
     """Priority classes: lower runs first. Offline work only fills spare capacity."""
 
     REALTIME = 0
-    OFFLINE = 1
+    #: Preparing a new live session (its reference image): after live chunks, so a storm
+    #: of new or doomed connections cannot delay the frames of sessions already running.
+    SETUP = 1
+    OFFLINE = 2
 
 
 class StaleWork(Exception):

@@ -154,6 +154,10 @@ class SessionState(StrEnum):
     CLOSED = "closed"
 
 
+class SetupAbandoned(Exception):
+    """The client left while its session waited to be prepared: nothing was prepared."""
+
+
 class SessionInactive(Exception):
     """Audio for a session that was cancelled or closed."""
 
@@ -217,8 +221,20 @@ class ReferenceCache:
         pending = self._pending.get(key)
         if pending is not None:
             self.hits += 1
-            return await asyncio.shield(pending)
+            try:
+                return await asyncio.shield(pending)
+            except SetupAbandoned:
+                # The client that was building it left: build it (or wait on whoever
+                # took over) instead.
+                return await self.get(key, build)
         self.misses += 1
+        return await self._build(key, build)
+
+    async def _build(
+        self,
+        key: tuple[str, str, int, int],
+        build: Callable[[], Awaitable[Reference]],
+    ) -> Reference:
         future: asyncio.Future[Reference] = asyncio.get_running_loop().create_future()
         self._pending[key] = future
         try:
@@ -412,6 +428,10 @@ class AvatarService:
         self.metrics = metrics
         self.settings = settings
         self.references = ReferenceCache()
+        # New images are decoded and prepared a few at a time: a storm of connections
+        # each bringing a new image queues here instead of crowding out live sessions.
+        self._setup_slots = asyncio.Semaphore(settings.max_concurrent_setups)
+        self.setups_abandoned = 0  # preparations skipped because the client had left
         self.jpeg: JpegEncoderPool = engine.jpeg
         self.planner: CapacityPlanner = engine.planner
         self._encode_meter = self.planner.meter(JPEG_STAGE)
@@ -426,13 +446,17 @@ class AvatarService:
         backend: str = "auto",
         admit: bool = True,
         checkpoint: str | None = None,
+        abandoned: Callable[[], bool] | None = None,
     ) -> AvatarSession:
         """Admit, prepare the reference and return an active session.
 
         ``checkpoint`` is a request's own weights, already checked by
-        :meth:`~omnistream.engine.engine.Engine.checkpoint`.
+        :meth:`~omnistream.engine.engine.Engine.checkpoint`. ``abandoned`` says whether
+        the client has left; it is asked before a new image is prepared, so a connection
+        dropped while it waited costs nothing more.
 
         Raises:
+            SetupAbandoned: ``abandoned()`` turned true before preparation.
             CheckpointRefused: too many request checkpoints of this model are resident.
             CapacityExceeded: admission refused (nothing was prepared).
             ImageError: the image cannot be decoded or is over the limits.
@@ -448,7 +472,12 @@ class AvatarService:
         try:
             await runner.wait_ready()
             reference = await self.reference(
-                model_id, runner, data, width=geometry.width, height=geometry.height
+                model_id,
+                runner,
+                data,
+                width=geometry.width,
+                height=geometry.height,
+                abandoned=abandoned,
             )
         except BaseException:
             self.sessions.release(placeholder)
@@ -472,20 +501,35 @@ class AvatarService:
         height: int,
         image: RGBFrame | None = None,
         priority: Priority = Priority.REALTIME,
+        abandoned: Callable[[], bool] | None = None,
     ) -> Reference:
         """The prepared reference for an image, prepared once and shared by every user.
 
         Live sessions and offline jobs share this cache: the key is the model, the image
         bytes' SHA-256 and the output size. ``image`` skips decoding when the caller has
         already decoded ``data``; ``priority`` lets an offline job prepare without
-        overtaking live work.
+        overtaking live work. A live session's new image is prepared at
+        :attr:`Priority.SETUP`, behind the chunks of sessions already running, at most
+        ``max_concurrent_setups`` at a time (cache hits skip the queue).
+
+        Raises:
+            SetupAbandoned: ``abandoned()`` was true once a preparation slot was free.
         """
         digest = hashlib.sha256(data).hexdigest()
         # A request-chosen checkpoint is another model as far as preparation goes.
         owner = f"{model_id}@{runner.checkpoint}" if runner.checkpoint else model_id
         key = (owner, digest, width, height)
 
+        prepare_priority = Priority.SETUP if priority == Priority.REALTIME else priority
+
         async def build() -> Reference:
+            async with self._setup_slots:
+                if abandoned is not None and abandoned():
+                    self.setups_abandoned += 1
+                    raise SetupAbandoned()
+                return await prepare()
+
+        async def prepare() -> Reference:
             settings = self.settings
             decoded = image
             if decoded is None:
@@ -494,7 +538,7 @@ class AvatarService:
                 )
             result = await runner.submit(
                 PrepareRequest(image=decoded, width=width, height=height, content_hash=digest),
-                priority=priority,
+                priority=prepare_priority,
             )
             prepared = result.value
             info = dict(getattr(prepared, "info", {}) or {})

@@ -23,11 +23,18 @@ from omnistream.codecs.framing import AUDIO_MAGIC, encode_video
 from omnistream.codecs.image import ImageError, decode_base64
 from omnistream.engine.registry import CheckpointRefused, ModelUnavailable
 from omnistream.engine.runner import StaleWork
-from omnistream.sessions.avatar import AvatarSession, ChunkGeometry, ConfigError, SessionInactive
+from omnistream.sessions.avatar import (
+    AvatarSession,
+    ChunkGeometry,
+    ConfigError,
+    SessionInactive,
+    SetupAbandoned,
+)
 from omnistream.sessions.manager import CapacityExceeded
 from omnistream.transports.state import AppState, ModelAccessError, get_state
 from omnistream.transports.ws_common import (
     ClientGone,
+    client_gone,
     close_quietly,
     off_loop,
     parse_json,
@@ -210,8 +217,15 @@ class NativeConnection:
         try:
             _, checkpoint = self.state.resolve_checkpoint(model_id, "audio2video", model_path)
             session = await self.state.avatars.open(
-                model_id, geometry, image, backend=backend, checkpoint=checkpoint
+                model_id,
+                geometry,
+                image,
+                backend=backend,
+                checkpoint=checkpoint,
+                abandoned=lambda: client_gone(self.ws),
             )
+        except SetupAbandoned as exc:
+            raise ClientGone() from exc
         except ModelAccessError as exc:
             await self.error(exc.code, exc.message)
             return

@@ -28,11 +28,13 @@ from omnistream.sessions.avatar import (
     AvatarSession,
     ChunkGeometry,
     ConfigError,
+    SetupAbandoned,
 )
 from omnistream.sessions.manager import CapacityExceeded
 from omnistream.transports.state import AppState, ModelAccessError, get_state
 from omnistream.transports.ws_common import (
     ClientGone,
+    client_gone,
     close_quietly,
     deny_unless_allowed,
     off_loop,
@@ -141,8 +143,14 @@ class FlashTalkConnection:
                 self.model_id, "audio2video", model_path
             )
             session = await self.state.avatars.open(
-                self.model_id, geometry, image, checkpoint=checkpoint
+                self.model_id,
+                geometry,
+                image,
+                checkpoint=checkpoint,
+                abandoned=lambda: client_gone(self.ws),
             )
+        except SetupAbandoned as exc:
+            raise ClientGone() from exc
         except CheckpointRefused as exc:
             await self.error(f"Init failed: {exc}", "bad_config")
             return

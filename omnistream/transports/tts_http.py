@@ -92,9 +92,22 @@ def error_response(state: AppState, route: str, exc: TtsRequestError) -> JSONRes
 # -- request parsing shared with the WebSocket route -----------------------------------
 
 
-def resolve_tts_model(state: AppState, model: str | None) -> ModelSpec:
+def _optional_str(value: Any, field_name: str) -> str:
+    """A string field that may be absent or null (``""`` then); any other type is a 400.
+
+    Clients and fuzzers send numbers, lists and objects where a name belongs: that is
+    their mistake, answered as such, not an ``AttributeError`` and a 500.
+    """
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise TtsRequestError(400, "invalid_type", f"{field_name} must be a string")
+    return value.strip()
+
+
+def resolve_tts_model(state: AppState, model: Any) -> ModelSpec:
     """The voice model a request names (aliases and empty mean the default), tier-checked."""
-    model_id = (model or "").strip() or state.settings.tts_model
+    model_id = _optional_str(model, "model") or state.settings.tts_model
     if model_id in state.settings.tts_model_aliases:
         model_id = state.settings.tts_model
     try:
@@ -103,10 +116,10 @@ def resolve_tts_model(state: AppState, model: str | None) -> ModelSpec:
         raise TtsRequestError(exc.status, exc.code, exc.message) from exc
 
 
-def resolve_voice(spec: ModelSpec, voice: str | None, *, openai_names: bool = False) -> str:
+def resolve_voice(spec: ModelSpec, voice: Any, *, openai_names: bool = False) -> str:
     """A voice id the model declared; empty means its default."""
     voices = [v.id for v in voice_catalog(spec)]
-    wanted = (voice or "").strip()
+    wanted = _optional_str(voice, "voice")
     if not wanted or (openai_names and wanted.lower() in OPENAI_VOICES):
         return default_voice(spec)
     if wanted in voices:

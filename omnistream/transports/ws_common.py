@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from omnistream.transports.state import AppState, ModelAccessError
+from omnistream.transports.ws_protocol import TRANSPORT_EXTENSION, ConnectionControl
 
 T = TypeVar("T")
 
@@ -64,8 +65,45 @@ async def _send(ws: WebSocket, message: dict[str, Any], timeout: float) -> None:
         raise ClientGone()
     try:
         await asyncio.wait_for(ws.send(message), timeout)
-    except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError) as exc:
+    except TimeoutError as exc:
+        # The peer stopped reading: a graceful close would wait on it forever, holding
+        # the socket and its send buffer. Drop the connection now.
+        abort_connection(ws)
         raise ClientGone() from exc
+    except (WebSocketDisconnect, RuntimeError, OSError) as exc:
+        raise ClientGone() from exc
+
+
+def _control(ws: WebSocket) -> ConnectionControl | None:
+    control = ws.scope.get("extensions", {}).get(TRANSPORT_EXTENSION)
+    return control if isinstance(control, ConnectionControl) else None
+
+
+def abort_connection(ws: WebSocket) -> None:
+    """Drop the TCP connection at once (no close handshake, unsent data discarded).
+
+    Under a server without omnistream's protocol (see :mod:`ws_protocol`) this does
+    nothing, and the socket closes when the handler returns.
+    """
+    control = _control(ws)
+    if control is not None and not control.gone:
+        control.abort()
+        metrics = getattr(getattr(ws.app.state, "omni", None), "metrics", None)
+        if metrics is not None:
+            metrics.ws_aborted.inc()
+
+
+def client_gone(ws: WebSocket) -> bool:
+    """Whether the peer has already left (checked before costly work for a connection).
+
+    Seen without reading from the socket: the server's protocol notices a lost
+    connection as soon as the kernel reports it, while a handler busy with an earlier
+    message would find out only at its next ``receive``.
+    """
+    if ws.application_state == WebSocketState.DISCONNECTED:
+        return True
+    control = _control(ws)
+    return control is not None and control.gone
 
 
 OFFLOAD_BYTES = 64 * 1024  # larger payloads are parsed or decoded in a worker thread
@@ -119,10 +157,12 @@ async def close_quietly(ws: WebSocket, code: int = 1000) -> None:
     """Close the socket if it is still open, ignoring a peer that already left.
 
     A peer that stopped reading would block the close frame forever; after a short wait
-    the handler simply returns and the server tears the connection down itself.
+    the connection is aborted.
     """
     if ws.application_state == WebSocketState.CONNECTED:
         try:
             await asyncio.wait_for(ws.close(code), CLOSE_TIMEOUT_S)
-        except (TimeoutError, WebSocketDisconnect, RuntimeError, OSError):
+        except TimeoutError:
+            abort_connection(ws)
+        except (WebSocketDisconnect, RuntimeError, OSError):
             pass
