@@ -166,6 +166,14 @@ class EdgeMiddleware:
             return
         limit = (upload_body_limit(auth.settings.max_upload_bytes) if UPLOAD_PATHS.search(path)
                  else auth.settings.max_body_bytes)
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            # Refused before a byte is read, in the surface's shape (the streaming check
+            # below covers bodies that do not declare their length).
+            code = "file_too_large" if UPLOAD_PATHS.search(path) else "request_too_large"
+            await _refuse(scope, send, rule, 413, code,
+                          f"Request body is larger than this route accepts ({limit} bytes).")
+            return
         inner = self._json_depth_guard(auth, headers) if _is_json(headers) else self.app
         await RequestBodyLimitMiddleware(inner, limit)(scope, receive, send)
 

@@ -79,7 +79,8 @@ RULES: tuple[RouteRule, ...] = (
     _r(r"^/api/v1(/|$)", "gateway", "openai"),
     _r(r"^/api/(chat|tags)$", "gateway", "openai"),
     _r(
-        r"^/v1/(chat|responses|embeddings|rerank|moderations|web|providers|completions)(/|$)",
+        r"^/v1/(api|chat|responses|embeddings|rerank|moderations|web|providers|completions)"
+        r"(/|$)",
         "gateway",
         "openai",
     ),

@@ -69,7 +69,7 @@ class ExpiresAfter(BaseModel):
     """OpenAI's ``expires_after``: seconds after creation."""
 
     anchor: str = "created_at"
-    seconds: int = Field(600, ge=10, le=7200)
+    seconds: int = Field(600, ge=1, le=7200)
 
 
 class ClientSecretRequest(BaseModel):
