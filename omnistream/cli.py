@@ -16,6 +16,7 @@ from typing import Any
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "omnistream.bench.cli",
     "omnistream.jobs.cli",
+    "omnistream.cluster.haproxy",
 )
 
 log = logging.getLogger("omnistream")
@@ -50,6 +51,13 @@ def _add_serve(sub: Any) -> None:
         help="directory of diffusers pipelines (one subdirectory each, registered under its "
         "name); repeatable (OMNISTREAM_MODELS_DIR: a path or a JSON list)",
     )
+    p.add_argument(
+        "--providers",
+        metavar="FILE",
+        dest="providers_file",
+        help="upstream LLM/web providers, aliases and combos for the gateway routes (YAML; "
+        "OMNISTREAM_PROVIDERS_FILE); a file with an error refuses to start",
+    )
     keys = p.add_argument_group("keys and browsers")
     keys.add_argument(
         "--api-key-file",
@@ -78,6 +86,20 @@ def _add_serve(sub: Any) -> None:
         dest="cors_origins",
         metavar="ORIGIN",
         help="Origin given CORS access (repeatable; default: CORS off)",
+    )
+    cluster = p.add_argument_group("cluster (needs the 'cluster' extra)")
+    cluster.add_argument(
+        "--redis-url",
+        help="join a cluster: jobs, events and node registry in Redis "
+        "(redis://HOST:PORT/DB; OMNISTREAM_REDIS_URL)",
+    )
+    cluster.add_argument("--node-id", help="this node's id (default host:port; OMNISTREAM_NODE_ID)")
+    cluster.add_argument(
+        "--advertise-url",
+        help="how other nodes reach this one (default http://host:port; OMNISTREAM_ADVERTISE_URL)",
+    )
+    cluster.add_argument(
+        "--agent-port", type=int, help="TCP port answering HAProxy agent checks"
     )
     p.set_defaults(func=_serve)
 
@@ -111,10 +133,15 @@ def _serve(args: argparse.Namespace) -> int:
             "log_level": args.log_level,
             "models_dir": getattr(args, "models_dir", None),
             "api_key_file": args.api_key_file,
+            "providers_file": getattr(args, "providers_file", None),
             "no_auth": args.no_auth,
             "public_metrics": args.public_metrics,
             "allowed_origins": args.allowed_origins,
             "cors_origins": args.cors_origins,
+            "redis_url": getattr(args, "redis_url", None),
+            "node_id": getattr(args, "node_id", None),
+            "advertise_url": getattr(args, "advertise_url", None),
+            "agent_port": getattr(args, "agent_port", None),
         }.items()
         if v is not None
     }
@@ -123,6 +150,25 @@ def _serve(args: argparse.Namespace) -> int:
     if problem:
         print(f"omnistream serve: {problem}", file=sys.stderr)
         return 2
+    if settings.providers_file:
+        from omnistream.gateway.config import ProvidersFileError, load_providers
+
+        try:
+            load_providers(settings.providers_file)
+        except ProvidersFileError as exc:
+            print(f"omnistream serve: providers file refused: {exc}", file=sys.stderr)
+            return 2
+    if settings.redis_url:  # cluster mode: no node starts without its Redis
+        try:
+            from omnistream.cluster.node import preflight
+        except ImportError:
+            print("omnistream serve: --redis-url needs the 'cluster' extra "
+                  "(pip install 'omnistream[cluster]')", file=sys.stderr)
+            return 2
+        problem = preflight(settings.redis_url)
+        if problem:
+            print(f"omnistream serve: {problem}", file=sys.stderr)
+            return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -208,6 +208,9 @@ class Settings(BaseSettings):
     diffusion_max_images: int = Field(8, ge=1, description="Most images one request makes (n)")
     diffusion_max_frames: int = Field(128, ge=1, description="Most frames one video request makes")
     diffusion_max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt accepted")
+    diffusion_thread_nice: int = Field(
+        10, ge=0, le=19, description="Niceness of diffusion threads: live sessions' come first"
+    )
 
     # Cluster (omnistream/cluster): N nodes share jobs through Redis, HAProxy places sessions
     redis_url: str | None = Field(

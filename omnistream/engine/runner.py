@@ -315,7 +315,38 @@ class ModelRunner:
                     total += candidate.cost
                 for item in keep:
                     heapq.heappush(self._heap, item)
+                if model.batch_linger_s > 0 and total < model.max_batch_cost:
+                    self._linger(model, batch, total)
                 return batch
+
+    def _linger(self, model: BatchModel[Any, Any], batch: list[_Item], total: float) -> None:
+        """Hold the batch open (lock held, released while waiting) for expected peers.
+
+        Only items with the first item's key and priority class join; the wait ends at
+        ``batch_linger_s``, when the model's expected count is reached, or when the batch
+        is full, so a lone request pays at most the linger per step.
+        """
+        first = batch[0]
+        deadline = time.monotonic() + model.batch_linger_s
+        while len(batch) < model.expected_batch(first.key) and total < model.max_batch_cost:
+            left = deadline - time.monotonic()
+            if left <= 0 or self._closed:
+                return
+            self._cond.wait(left)
+            for candidate in list(self._heap):
+                if self._drop_if_stale(candidate):
+                    self._heap.remove(candidate)
+                    continue
+                cost = self._cost(model, candidate)
+                if (
+                    candidate.key == first.key
+                    and candidate.sort_key[0] == first.sort_key[0]
+                    and total + cost <= model.max_batch_cost
+                ):
+                    self._heap.remove(candidate)
+                    batch.append(candidate)
+                    total += cost
+            heapq.heapify(self._heap)
 
     @staticmethod
     def _cost(model: BatchModel[Any, Any], item: _Item) -> float:

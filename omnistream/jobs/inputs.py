@@ -190,7 +190,47 @@ def media_bytes(
         raise GenerateError(
             400, "remote_url_not_supported", f"Input '{name}': the server does not fetch URLs."
         )
-    return MediaBytes(_b64(value, name, limits.max_upload_bytes), "base64")
+    path_like = _path_like(value)
+    if path_like:
+        local = _plain_path(value, limits)
+        if local is not None:
+            return MediaBytes(_read_bounded(local, name, limits.max_upload_bytes), "path", local.name)
+    try:
+        return MediaBytes(_b64(value, name, limits.max_upload_bytes), "base64")
+    except GenerateError as exc:
+        if not path_like or exc.code != "invalid_base64":
+            raise
+        raise GenerateError(
+            400,
+            "file_not_found",
+            f"Input '{name}' is neither base64 nor a file under the server's allowed input "
+            "roots (OMNISTREAM_INPUT_ROOTS); upload the file or send it as base64.",
+        ) from exc
+
+
+def _path_like(value: str) -> bool:
+    """Whether a string input may be a plain path, as OmniRT's documentation sends them."""
+    return (
+        len(value) <= 4096
+        and "\x00" not in value
+        and not any(c.isspace() for c in value)
+        and ("/" in value or "." in value)
+    )
+
+
+def _plain_path(value: str, limits: InputLimits) -> Path | None:
+    """A plain path string read as a path only when it is a file under an allowed root.
+
+    Anything else falls back to base64 (a JPEG's base64 starts with ``/9j/``), and the
+    answer is the same whether a file outside the roots exists or not.
+    """
+    if not limits.roots:
+        return None
+    path = Path(os.path.realpath(os.path.expanduser(value)))
+    for root in limits.roots:
+        if path.is_relative_to(Path(os.path.realpath(root))) and path.is_file():
+            return path
+    return None
 
 
 def decode_audio(

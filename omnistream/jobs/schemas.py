@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 RUN_REPORT_SCHEMA_VERSION = "1.0.0"
 
@@ -26,7 +26,8 @@ TASKS: tuple[str, ...] = (
 )
 """Every task name the protocol defines (some have no model on this server)."""
 
-BACKENDS: tuple[str, ...] = ("auto", "cuda", "cpu", "cpu-stub")
+BACKENDS: tuple[str, ...] = ("auto", "cuda", "cpu", "cpu-stub", "ascend")
+"""Accepted names (OmniRT's set); ``ascend`` is refused at run time with a clear reason."""
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -171,6 +172,14 @@ class JobRecord(BaseModel):
     """The node that runs or ran the job (its RunReport ``worker_id``)."""
     owner: str | None = None
     """The key (by name: ``key:<name>``) whose job this is; ``anonymous`` without keys."""
+    backend: str = "auto"
+    """The request's backend: OmniRT's job parser reads ``record["backend"]``."""
+
+    @model_validator(mode="after")
+    def _backend_from_request(self) -> JobRecord:
+        if "backend" not in self.model_fields_set:
+            self.backend = str(self.request.get("backend") or "auto")
+        return self
 
 
 class Span(BaseModel):

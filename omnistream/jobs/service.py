@@ -95,7 +95,7 @@ class JobService:
 
     async def list_jobs(self) -> list[Job]:
         """Every job kept, oldest first."""
-        return await self.backend.list()
+        return await self.backend.list_jobs()
 
     # -- resolving -------------------------------------------------------------------
 
@@ -136,6 +136,10 @@ class JobService:
             return spec
         except ModelAccessError as exc:
             status = 400 if exc.status == 404 else exc.status
+            found = self.state.registry.get(model_id)
+            if status == 503 and found is not None:
+                # e.g. a models-dir entry that holds no usable pipeline: the client's to fix
+                status = int(found.capabilities.get("unavailable_status", 503))
             raise GenerateError(status, exc.code, exc.message) from exc
         except CheckpointRefused as exc:
             raise GenerateError(400, "invalid_config", str(exc)) from exc
@@ -144,6 +148,13 @@ class JobService:
         self, request: GenerateRequest, spec: ModelSpec, uploads: dict[str, Upload]
     ) -> tuple[Prepared, float]:
         """Decode and check the inputs in a worker thread; returns them and the time taken."""
+        if request.backend == "ascend":
+            raise GenerateError(
+                400,
+                "backend_not_available",
+                "Backend 'ascend' is not available on this server (it has no Ascend NPU "
+                "support); use auto, cuda or cpu.",
+            )
         try:
             pick_device(request.backend, spec.devices)
         except ValueError as exc:
@@ -176,7 +187,7 @@ class JobService:
         if caller.max_queued_jobs is None:
             return
         active = sum(
-            1 for j in await self.backend.list()
+            1 for j in await self.backend.list_jobs()
             if j.owner == caller.owner and j.state in ("queued", "running")
         )
         try:
@@ -279,7 +290,13 @@ class JobService:
             ctx.end_root("ok")
             job.result = GenerateResult(outputs=outputs, metadata=self._report(ctx, job, None))
             job.finish("succeeded")
-            job.emit("job_finished", outputs=len(outputs))
+            job.emit(
+                "job_finished",
+                outputs=len(outputs),
+                # OmniRT clients read the results off this event: the URLs, not just a count
+                artifacts=[a.model_dump(mode="json", exclude_none=True) for a in outputs],
+                urls=[a.url for a in outputs if a.url],
+            )
         except (JobCancelled, asyncio.CancelledError):
             if ctx is not None:
                 ctx.end_root("cancelled")

@@ -484,3 +484,8 @@ TASK_IMPLS: dict[str, TaskDef] = {
         ("text", "segments"),
     ),
 }
+
+# The image and video tasks live in their own module (they import this one).
+from omnistream.jobs.diffusion_tasks import DIFFUSION_TASK_IMPLS  # noqa: E402
+
+TASK_IMPLS.update(DIFFUSION_TASK_IMPLS)

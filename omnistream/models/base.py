@@ -28,6 +28,17 @@ class BatchModel(ABC, Generic[P, R]):
     #: how many, and the runner charges ``wall time × threads`` instead.
     cpu_threads: int = 1
 
+    #: How long a runner may hold a batch open for peers the model expects (see
+    #: :meth:`expected_batch`); 0 = never wait. Diffusion steps use it: every request in
+    #: the denoise loop resubmits its next step the moment the shared call returns, so a
+    #: few milliseconds let them all ride the next call instead of racing into separate
+    #: ones.
+    batch_linger_s: float = 0.0
+
+    def expected_batch(self, key: Hashable) -> int:
+        """How many items with ``key`` the model expects to be queued soon (1: no peers)."""
+        return 1
+
     def cost(self, payload: P) -> float:
         """Work units of one payload (frames, characters…); 1 by default."""
         return 1.0

@@ -101,10 +101,18 @@ def create_app(
         lag = asyncio.create_task(_watch_loop_lag(state), name="loop-lag")
         if profile is not None:
             await profile.start(state, app)
+        cluster = None
+        if settings.redis_url:  # cluster mode: jobs on Redis, node registry, drain
+            from omnistream.cluster.node import ClusterNode
+
+            cluster = await ClusterNode.start(state)
         try:
             yield
         finally:
             lag.cancel()
+            if cluster is not None:  # running jobs go back to the queue first
+                with contextlib.suppress(Exception):
+                    await cluster.aclose()
             for hook in list(state.extras.get("shutdown_hooks", [])):
                 with contextlib.suppress(Exception):
                     await hook()
@@ -112,6 +120,10 @@ def create_app(
             await asyncio.to_thread(state.engine.close)
 
     app = FastAPI(title="omnistream", version=__version__, lifespan=lifespan)
+    if settings.redis_url:  # cluster routes and the session gate (inside the edge)
+        from omnistream.cluster.node import install as install_cluster
+
+        install_cluster(app)
     install_edge(app, settings)
 
     from omnistream.transports import avatar_native, flashtalk, http_common
@@ -126,6 +138,13 @@ def create_app(
     from omnistream.transports import text2audio_service
 
     app.include_router(text2audio_service.router)
+    from omnistream.transports import images_http
+
+    app.include_router(images_http.router)  # OpenAI image and video routes
+    from omnistream.transports import gateway_http
+
+    # Before generate_http: its `/v1/models/{model_id}` would shadow `/v1/models/web`.
+    app.include_router(gateway_http.router)
     from omnistream.transports import generate_http
 
     app.include_router(generate_http.router)
