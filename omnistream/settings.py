@@ -154,6 +154,12 @@ class Settings(BaseSettings):
     jpeg_quality: int = Field(80, ge=1, le=100)
     jpeg_threads: int = Field(0, description="JPEG encoder threads; 0 = cores")
     jpeg_backend: str = "simplejpeg"
+    jpeg_splice: bool = Field(
+        True,
+        description="Encode only the rows an avatar model changed and splice them into the "
+        "reference's cached JPEG (restart markers keep it baseline JPEG); false encodes "
+        "every frame whole with jpeg_backend",
+    )
 
     # Jobs and artifacts (offline generation)
     artifacts_dir: str = "./artifacts"

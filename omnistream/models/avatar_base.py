@@ -29,6 +29,37 @@ RGBFrame = npt.NDArray[np.uint8]
 
 
 @dataclass(frozen=True)
+class StaticFrame:
+    """A frame that many output frames share (a fitted reference), named for caches.
+
+    ``key`` identifies the pixels (model, image hash, size): an encoder may keep work
+    done on ``image`` (its JPEG rows) under that key for as long as it likes.
+    """
+
+    image: RGBFrame
+    key: str
+
+
+@dataclass(frozen=True)
+class PartialFrame:
+    """A frame equal to ``static`` except rows ``y0 … y0 + len(rows)``, given in full width.
+
+    Models whose frames change only in one band (a face on a still photo) return these
+    when the request allows it, so the encoder compresses only the band's rows.
+    """
+
+    static: StaticFrame
+    y0: int
+    rows: RGBFrame
+
+    def full(self) -> RGBFrame:
+        """The whole frame (a copy of the static frame with the band written in)."""
+        frame = self.static.image.copy()
+        frame[self.y0 : self.y0 + self.rows.shape[0]] = self.rows
+        return frame
+
+
+@dataclass(frozen=True)
 class PrepareRequest:
     """Prepare one reference image (RGB uint8, any size) for ``width``×``height`` output."""
 
@@ -58,6 +89,10 @@ class ChunkRequest:
             runner thread with ``(index, frame)`` as each is done, so the session can
             start encoding while the rest of the chunk renders. Models that render a
             whole batch at once may ignore it: the frames still come in the result.
+        partial_ok: the caller takes :class:`PartialFrame` results (in
+            ``ChunkResult.partial``, announced through ``on_partial``); a model may
+            still answer with full frames, so callers must handle both.
+        on_partial: like ``on_frame``, for partial frames.
     """
 
     avatar: Any
@@ -71,15 +106,28 @@ class ChunkRequest:
     state: Any = None
     session_id: str = ""
     on_frame: Callable[[int, RGBFrame], None] | None = None
+    partial_ok: bool = False
+    on_partial: Callable[[int, PartialFrame], None] | None = None
 
 
 @dataclass
 class ChunkResult:
-    """Rendered frames (RGB uint8, height×width×3) and the state for the next chunk."""
+    """Rendered frames (RGB uint8, height×width×3) and the state for the next chunk.
+
+    When the request set ``partial_ok`` a model may return ``partial`` (one per frame)
+    instead, with ``frames`` empty; :meth:`full_frames` gives whole frames either way.
+    """
 
     frames: list[RGBFrame]
     state: Any = None
     info: dict[str, Any] = field(default_factory=dict)
+    partial: list[PartialFrame] | None = None
+
+    def full_frames(self) -> list[RGBFrame]:
+        """Every frame in full, expanding partial frames where the model gave those."""
+        if self.partial is not None:
+            return [p.full() for p in self.partial]
+        return self.frames
 
 
 AvatarPayload = PrepareRequest | ChunkRequest

@@ -20,7 +20,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from importlib import resources
@@ -30,12 +30,19 @@ import numpy as np
 
 from omnistream.codecs.image import decode_image
 from omnistream.codecs.jpeg import JPEG_BACKENDS, JpegEncoderPool
+from omnistream.codecs.jpeg_splice import SpliceCache, SpliceError
 from omnistream.codecs.pcm import s16le_to_float32
 from omnistream.engine.capacity import CapacityPlanner
 from omnistream.engine.engine import Engine
 from omnistream.engine.runner import ModelRunner, Priority, StaleWork
 from omnistream.metrics import Metrics
-from omnistream.models.avatar_base import ChunkRequest, ChunkResult, PrepareRequest, RGBFrame
+from omnistream.models.avatar_base import (
+    ChunkRequest,
+    ChunkResult,
+    PartialFrame,
+    PrepareRequest,
+    RGBFrame,
+)
 from omnistream.sessions.manager import SessionManager
 from omnistream.settings import Settings
 
@@ -365,9 +372,15 @@ class AvatarSession:
         # Frames drawn one at a time go to the JPEG pool at once, from the runner thread,
         # so encoding overlaps the rest of the chunk's rendering.
         early: dict[int, concurrent.futures.Future[bytes]] = {}
-        request.on_frame = lambda index, frame: early.__setitem__(
-            index, self.service.submit_encode(frame)
-        )
+
+        def queue_encode(index: int, frame: RGBFrame | PartialFrame) -> None:
+            early[index] = self.service.submit_encode(frame)
+
+        request.on_frame = queue_encode
+        # A model whose frames change in one band hands that band over, and only its
+        # JPEG rows are encoded (spliced into the reference's cached encoding).
+        request.partial_ok = self.service.splice_jpeg
+        request.on_partial = queue_encode
         chunk_s = len(audio) / g.sample_rate
         result = await self.runner.submit(
             request,
@@ -378,7 +391,8 @@ class AvatarSession:
         )
         rendered: ChunkResult = result.value
         encode_started = time.monotonic()
-        jpegs = await self.service.encode(rendered.frames, early)
+        frames = rendered.partial if rendered.partial is not None else rendered.frames
+        jpegs = await self.service.encode(frames, early)
         done = time.monotonic()
         if self.epoch != epoch:
             raise StaleWork("interrupted while encoding")
@@ -436,6 +450,8 @@ class AvatarService:
         self.planner: CapacityPlanner = engine.planner
         self._encode_meter = self.planner.meter(JPEG_STAGE)
         self._encode_fn = JPEG_BACKENDS[self.jpeg.backend]
+        self.splice_jpeg = settings.jpeg_splice
+        self._splices = SpliceCache()
 
     async def open(
         self,
@@ -550,19 +566,32 @@ class AvatarService:
         """Free the session's slot (idempotent)."""
         self.sessions.release(session)
 
-    def submit_encode(self, frame: RGBFrame) -> concurrent.futures.Future[bytes]:
+    def submit_encode(self, frame: RGBFrame | PartialFrame) -> concurrent.futures.Future[bytes]:
         """Queue one frame on the shared JPEG pool (thread-safe), metering its CPU."""
         return self.jpeg.executor.submit(self._encode_job, frame)
 
-    def _encode_job(self, frame: RGBFrame) -> bytes:
+    def _encode_job(self, frame: RGBFrame | PartialFrame) -> bytes:
         started = time.thread_time()
-        data = self._encode_fn(frame, self.jpeg.quality)
+        if isinstance(frame, PartialFrame):
+            data = self._encode_partial(frame)
+        else:
+            data = self._encode_fn(frame, self.jpeg.quality)
         self._encode_meter.record(time.thread_time() - started, 1.0)
         return data
 
+    def _encode_partial(self, frame: PartialFrame) -> bytes:
+        """Encode the changed rows only, spliced between the static frame's cached rows."""
+        quality = self.jpeg.quality
+        try:
+            static = self._splices.get(frame.static.key, frame.static.image, quality)
+            return static.splice(frame.rows, frame.y0)
+        except SpliceError:
+            log.warning("JPEG splice refused; encoding the whole frame", exc_info=True)
+            return self._encode_fn(frame.full(), quality)
+
     async def encode(
         self,
-        frames: list[RGBFrame],
+        frames: Sequence[RGBFrame | PartialFrame],
         started: Mapping[int, concurrent.futures.Future[bytes]] | None = None,
     ) -> list[bytes]:
         """JPEG-encode a chunk's frames in parallel on the shared pool, in order.
