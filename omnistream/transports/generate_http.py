@@ -414,8 +414,11 @@ def _model_entries(request: Request) -> list[dict[str, Any]]:
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
-    """OpenAI-shaped model list, narrowed to the server's allowed tiers."""
-    return {"object": "list", "data": _model_entries(request)}
+    """OpenAI-shaped model list, narrowed to the server's allowed tiers, plus the
+    gateway's upstream models, aliases and combos."""
+    from omnistream.transports.gateway_http import gateway_model_entries
+
+    return {"object": "list", "data": _model_entries(request) + gateway_model_entries(request)}
 
 
 @router.get("/v1/models/{model_id}")
