@@ -100,6 +100,10 @@ class OfferRequest(BaseModel):
     width: int | None = None
     height: int | None = None
     codec: str | None = None
+    talk: dict[str, Any] | None = Field(
+        None, description="talk mode: a voice agent answers the microphone "
+        "({model: provider/model, instructions?, silence_duration_ms?}); see webrtc_talk"
+    )
 
 
 class WebRTCError(Exception):
@@ -521,6 +525,21 @@ async def _answer(state: AppState, request: Request) -> dict[str, Any]:
     avatar_session.close()
     session.avatar = reference.prepared
     session.runner = avatar_session.runner
+    talk = None
+    if offer.talk is not None:
+        from omnistream.transports import webrtc_talk
+
+        try:
+            if speech is None:
+                raise webrtc_talk.TalkError(503, "tts_unavailable",
+                                            "talk mode needs a text-to-speech model")
+            webrtc_talk.wrap_speech(speech, state, session.id)
+            talk = webrtc_talk.enable(state, session, offer.talk)
+        except webrtc_talk.TalkError as exc:
+            state.sessions.release(session)
+            release_key_slot()
+            await session.aclose("offer failed")
+            raise WebRTCError(exc.status, exc.code, exc.message) from exc
     try:
         pc = await _connect(state, session, offer.sdp, codec)
     except BaseException:
@@ -539,6 +558,8 @@ async def _answer(state: AppState, request: Request) -> dict[str, Any]:
         "audio": {"sample_rate": AUDIO_RATE, "codec": "opus"},
         "avatar": reference.info,
         "speech": {"tts_model": speech.model_id, "voice": speech.voice} if speech else None,
+        "talk": {"model": talk.agent.config.model, "agent_session_id": talk.agent.id}
+        if talk else None,
     }
 
 
@@ -580,7 +601,11 @@ async def _connect(
     @pc.on("track")
     def _track(track: MediaStreamTrack) -> None:
         if track.kind == "audio":
-            session.add_task(session.consume_mic(track), "mic")
+            from omnistream.transports.webrtc_talk import talk_of
+
+            talk = talk_of(state, session)  # talk mode: the mic goes to the voice agent
+            reader = talk.consume_mic(track) if talk else session.consume_mic(track)
+            session.add_task(reader, "mic")
 
     # Transceivers made before the offer is applied take its m-lines, so the codec
     # preference is in place when aiortc negotiates codecs (in setRemoteDescription).
@@ -761,6 +786,11 @@ class Control:
         if kind == "speak":
             self.speak(data)
         elif kind == "interrupt":
+            from omnistream.transports.webrtc_talk import talk_of
+
+            talk = talk_of(self.state, self.session)
+            if talk is not None:
+                talk.interrupt()  # the agent's answer stops too
             self.send(self.session.interrupt())
         elif kind == "mic":
             self.session.set_mic(bool(data.get("enabled", True)))
