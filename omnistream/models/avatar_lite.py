@@ -83,7 +83,7 @@ SHAPE_LEVELS = 3  # lip shapes tabulated: rounded, neutral, spread
 # Geometry, as fractions of the face height (brow line to chin on the mesh).
 MAX_JAW_DROP = 0.115  # lower lip drop at full openness
 CHIN_FOLLOW = 0.9  # the chin drops this fraction of the lower lip's drop
-UPPER_LIP_LIFT = 0.12  # the upper lip rises this fraction of the jaw drop
+UPPER_LIP_LIFT = 0.2  # a closed upper lip rises this fraction of the jaw drop
 NECK_FADE = 0.22  # below the chin the drop fades out over this much neck
 LIP_SHAPE = 0.07  # lips spread (or round) by up to this fraction of their width
 BLINK_INTERVAL_S = (2.2, 5.5)
@@ -483,20 +483,20 @@ def _prepare_layout(
     # darkened lip tone; the tongue a deeper lip tone; teeth a warm off-white.
     lips = _pixels_between(base, upper_outer, lower_outer, mouth_centre, outer_half)
     lip_tone = np.median(lips, axis=0) if len(lips) else np.array([150, 80, 80], np.float64)
-    cavity = (lip_tone * np.array([0.30, 0.15, 0.15])).astype(np.float32)
+    cavity = (lip_tone * np.array([0.22, 0.10, 0.10])).astype(np.float32)
+    teeth = np.array([226, 220, 208], np.float32) * float(
+        np.clip(lip_tone.mean() / 120.0, 0.85, 1.0)
+    )
+    shows_teeth = float(teeth_shown.sum()) > mouth_half * 0.5
     inside = _pixels_between(base, upper_inner, lower_inner, mouth_centre, mouth_half)
-    if len(inside) > 12:
+    if shows_teeth and len(inside) > 12:
         luma = inside @ np.array([0.3, 0.59, 0.11])
         dark = inside[luma <= np.percentile(luma, 10)]
         if len(dark) and float(dark.mean()) < float(cavity.mean()) * 1.6:
             cavity = (0.5 * cavity + 0.5 * dark.mean(axis=0)).astype(np.float32)
         bright = inside[luma >= np.percentile(luma, 80)]
         teeth = bright.mean(axis=0).astype(np.float32) * 0.92
-    else:
-        teeth = np.array([226, 220, 208], np.float32) * float(
-            np.clip(base.mean() / 140.0, 0.75, 1.0)
-        )
-    tongue = (lip_tone * np.array([0.55, 0.33, 0.33])).astype(np.float32)
+    tongue = (lip_tone * np.array([0.5, 0.28, 0.28])).astype(np.float32)
     info = {
         "face_detected": face_found,
         "mesh_detected": layout.from_mesh,
@@ -606,14 +606,14 @@ class Pose:
     head_dy: float
 
 
-def head_offset(t: float, seed: int, face_h: float, openness: float = 0.0) -> tuple[float, float]:
+def head_offset(t: float, seed: int, face_h: float) -> tuple[float, float]:
     """The head's sway and breathing at time ``t`` (pixels): slow, small, per session."""
     phase = (seed % 1000) / 1000.0 * 2 * math.pi
     sway = SWAY_PX * face_h / 140.0
     dx = sway * math.sin(2 * math.pi * 0.23 * t + phase)
     dy = 0.6 * sway * math.sin(2 * math.pi * 0.31 * t + 1.7 * phase)
     dy += BREATH_PX * face_h / 140.0 * math.sin(2 * math.pi * BREATH_HZ * t + 0.5 * phase)
-    return dx, dy - openness * face_h * 0.006
+    return dx, dy
 
 
 def _piecewise_inverse(y: F32, src: F32, dst: F32) -> F32:
@@ -687,7 +687,7 @@ class AvatarLite(AvatarModel):
             state.spread += (float(spread[i]) - state.spread) * 0.35
             frame_no = int(frame_idx[i])
             t = frame_no / chunk.fps
-            dx, dy = head_offset(t, state.seed, avatar.face_h, state.openness)
+            dx, dy = head_offset(t, state.seed, avatar.face_h)
             poses.append(
                 Pose(
                     openness=state.openness,
@@ -788,7 +788,10 @@ def _mouth_table(a: PreparedAvatar, open_: float, shape: float) -> tuple[F32, F3
     profile = np.clip(1.0 - u * u, 0.0, 1.0) ** 0.55
     u_out = (lip_cols - a.mouth_centre) / a.outer_half
     profile_out = np.clip(1.0 - u_out * u_out, 0.0, 1.0) ** 0.45
-    lift = UPPER_LIP_LIFT * jaw * profile
+    closed = 1.0 - a.teeth_shown
+    # Where the photo shows teeth the upper lip stays (the teeth are the upper jaw's);
+    # a closed mouth's upper lip rises a little as it opens.
+    lift = UPPER_LIP_LIFT * jaw * profile * closed
     seam = a.seam.at(lip_cols)
     upper_inner = np.minimum(a.upper_inner.at(lip_cols), seam)
     upper_outer = np.minimum(a.upper_outer.at(lip_cols), upper_inner - 0.5)
@@ -798,7 +801,6 @@ def _mouth_table(a: PreparedAvatar, open_: float, shape: float) -> tuple[F32, F3
     top = np.minimum(np.float32(a.my0), upper_outer - 1.0)
     drop_lip = jaw * profile
     drop_chin = jaw * CHIN_FOLLOW * np.maximum(a.chin_weight, profile_out * 0.85)
-    closed = 1.0 - a.teeth_shown
     src = np.stack([top, upper_outer, upper_inner, seam, seam, lower_outer, chin, neck]).astype(
         np.float32
     )
@@ -807,7 +809,7 @@ def _mouth_table(a: PreparedAvatar, open_: float, shape: float) -> tuple[F32, F3
             top,
             upper_outer - 0.4 * lift,
             upper_inner - lift,
-            seam - lift * closed,
+            seam - lift,
             seam + drop_lip,
             lower_outer + jaw * profile_out,
             chin + drop_chin,
@@ -928,8 +930,8 @@ def _paint_cavity(
     # Upper teeth under the upper lip where the photo shows none (where it does, the
     # photo's own teeth stay above the seam and the gap opens below them).
     synthetic = (1.0 - a.teeth_shown[None, c0:c1]) * prof**0.6
-    teeth_h = np.minimum(h * 0.32, a.face_h * 0.03)
-    teeth = (1.0 - _smoothstep(0.55, 1.0, (y - top) / np.maximum(teeth_h, 1e-3))) * synthetic
+    teeth_h = np.minimum(h * 0.4, a.face_h * 0.04)
+    teeth = (1.0 - _smoothstep(0.45, 1.0, (y - top) / np.maximum(teeth_h, 1e-3))) * synthetic
     teeth = (teeth * np.clip((h - 2.5) / 4.0, 0.0, 1.0))[..., None]
     colour = colour * (1.0 - teeth) + a.teeth_colour * (0.8 + 0.2 * prof[..., None]) * teeth
     xs = slice(a.mx0 - a.x0 + c0, a.mx0 - a.x0 + c1)
