@@ -594,7 +594,7 @@ class VoiceAgentSession:
                 and silence_ms >= min(SPECULATE_AFTER_MS, detection.silence_duration_ms / 2)
             ):
                 audio = self._buffer(self._speech_start, end)
-                future = asyncio.ensure_future(self._run_whisper(audio))
+                future = self._spawn(self._run_whisper(audio), "speculate")
                 self._speculation = _Speculation(end, future)
         if self._pos - self._speech_start > self.max_buffer_samples:
             self._speech_stopped(end, detection)  # nobody speaks that long: cut the turn
