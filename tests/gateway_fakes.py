@@ -210,6 +210,14 @@ def build_app(fake: FakeUpstream) -> Starlette:
             {"object": "embedding", "index": i, "embedding": [float(len(t)), 1.0, 0.0]}
             for i, t in enumerate(texts)], "usage": {"prompt_tokens": 2, "total_tokens": 2}})
 
+    async def openai_images(request: Request) -> Response:
+        body, error = await gate(request)
+        if error is not None:
+            return error
+        assert body is not None
+        return JSONResponse({"created": 1, "data": [{"b64_json": "aW1n",
+                                                     "revised_prompt": body.get("prompt")}]})
+
     async def openai_moderations(request: Request) -> Response:
         _body, error = await gate(request)
         if error is not None:
@@ -354,6 +362,7 @@ def build_app(fake: FakeUpstream) -> Starlette:
         Route("/v1/models", openai_models, methods=["GET"]),
         Route("/v1/embeddings", openai_embeddings, methods=["POST"]),
         Route("/v1/moderations", openai_moderations, methods=["POST"]),
+        Route("/v1/images/generations", openai_images, methods=["POST"]),
         Route("/v1/messages", anthropic_messages, methods=["POST"]),
         Route("/v1/messages/count_tokens", anthropic_count, methods=["POST"]),
         Route("/api/chat", ollama_chat, methods=["POST"]),

@@ -51,7 +51,7 @@ providers:
     kind: openai
     base_url: {f['alpha'].url}/v1
     api_key_env: GW_TEST_ALPHA_KEY
-    models: [fake-chat, fake-embed]
+    models: [fake-chat, fake-embed, omni-moderation-latest]
     timeout_s: 1.5
   beta:
     kind: openai
@@ -169,6 +169,18 @@ def test_openai_tool_calls_across_formats(oai: openai.OpenAI) -> None:
                 names += (tc.function.name or "") if tc.function else ""
                 args += (tc.function.arguments or "") if tc.function else ""
         assert names == "get_weather" and json.loads(args) == {"city": "Paris"}
+
+
+def test_images_in_messages_become_anthropic_blocks(oai: openai.OpenAI,
+                                                   fakes: dict[str, FakeUpstream]) -> None:
+    reply = oai.chat.completions.create(model="claude/claude-fake", messages=[
+        {"role": "user", "content": [
+            {"type": "text", "text": "what is this"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0K"}}]}])
+    assert reply.choices[0].message.content == "claude: what is this"
+    blocks = fakes["claude"].bodies[-1]["messages"][0]["content"]
+    assert blocks[1] == {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                     "data": "iVBORw0K"}}
 
 
 def test_tool_results_travel_to_anthropic(oai: openai.OpenAI,
@@ -436,7 +448,7 @@ def test_model_lists_and_discovery(http: httpx.Client) -> None:
     assert combo["combo"] == ["alpha/fake-chat", "beta/fake-chat"]
     assert http.get("/api/v1/models").json()["data"] == data
     alpha = http.get("/api/v1/providers/alpha/models").json()["data"]
-    assert [m["id"] for m in alpha] == ["fake-chat", "fake-embed"]
+    assert [m["id"] for m in alpha] == ["fake-chat", "fake-embed", "omni-moderation-latest"]
     assert http.get("/api/v1/providers/nope/models").status_code == 404
     web = http.get("/v1/models/web").json()["data"]
     assert {"id": "local/fetch", "kind": "webFetch"}.items() <= web[0].items()
@@ -445,6 +457,16 @@ def test_model_lists_and_discovery(http: httpx.Client) -> None:
     assert http.get("/api/v1/models/tts").status_code == 200
     assert http.get("/v1/models/stt").json()["data"][0]["id"] == "whisper-tiny.en"
     assert http.get("/v1/models/image").status_code == 200
+
+
+def test_moderations_and_provider_images(oai: openai.OpenAI, http: httpx.Client) -> None:
+    verdict = oai.moderations.create(input="hello")  # the default model, on alpha
+    assert verdict.results[0].flagged is False
+    r = http.post("/api/v1/providers/alpha/images/generations",
+                  json={"model": "fake-chat", "prompt": "a red bicycle"})
+    assert r.status_code == 200 and r.json()["data"][0]["revised_prompt"] == "a red bicycle"
+    r = http.post("/v1/images/variations", files={"n": (None, "1")})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "missing_image"
 
 
 def test_bad_requests_get_stable_codes(http: httpx.Client) -> None:

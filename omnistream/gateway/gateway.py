@@ -49,6 +49,7 @@ CAPABILITY_KINDS: dict[str, tuple[str, ...]] = {
     "chat": CHAT_KINDS,
     "embeddings": ("openai", "ollama"),
     "moderations": ("openai",),
+    "images": ("openai",),
     "web_search": ("tavily", "jina", "firecrawl"),
     "web_fetch": ("jina", "firecrawl"),
 }
@@ -448,6 +449,11 @@ class Gateway:
         targets = self.resolve(model, "moderations")
         return await self.call(targets, "moderations",
                                lambda t: t.upstream.moderations(t.model, body))
+
+    async def images(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Images from an OpenAI-kind provider (the local diffusion models have their route)."""
+        targets = self.resolve(model, "images")
+        return await self.call(targets, "images", lambda t: t.upstream.images(t.model, body))
 
     async def web_search(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
         """A web search on a search provider."""

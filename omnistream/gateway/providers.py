@@ -239,6 +239,11 @@ class Upstream:
         raise UpstreamFailure(f"{self.name} ({self.config.kind}) does not serve moderations",
                               retryable=False, status=400)
 
+    async def images(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
+        """An OpenAI images answer (``{created, data: [{url | b64_json}]}``)."""
+        raise UpstreamFailure(f"{self.name} ({self.config.kind}) does not generate images",
+                              retryable=False, status=400)
+
     async def discover_models(self) -> list[str]:
         """Model ids the upstream lists (used when the file lists none)."""
         return []
@@ -283,6 +288,14 @@ class OpenAIUpstream(Upstream):
 
     async def embeddings(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
         data = await self.post_json(f"{self.config.base_url}/embeddings", {**body, "model": model})
+        if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+            raise UpstreamFailure(f"{self.name} answered without 'data'", retryable=True,
+                                  kind="invalid_response")
+        return data
+
+    async def images(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
+        data = await self.post_json(f"{self.config.base_url}/images/generations",
+                                    {**body, "model": model})
         if not isinstance(data, dict) or not isinstance(data.get("data"), list):
             raise UpstreamFailure(f"{self.name} answered without 'data'", retryable=True,
                                   kind="invalid_response")

@@ -627,8 +627,70 @@ def _mount_media_aliases() -> None:
             router.add_api_route(path, generations, methods=["POST"])
     if edits is not None:
         router.add_api_route("/api/v1/images/edits", edits, methods=["POST"])
-    if variations is not None:
-        router.add_api_route("/api/v1/images/variations", variations, methods=["POST"])
+    if variations is None:
+        variations = images_variations
+    for prefix in PREFIXES:
+        router.add_api_route(prefix + "/images/variations", variations, methods=["POST"])
+
+
+async def images_variations(request: Request) -> Response:
+    """OpenAI image variations on the local diffusion models: ``image2image`` of the
+    uploaded ``image`` with a neutral prompt (``prompt`` may override it) at strength
+    0.6, through the image routes' own job path."""
+    from starlette.datastructures import UploadFile
+
+    from omnistream.jobs.errors import GenerateError
+    from omnistream.jobs.schemas import GenerateRequest
+    from omnistream.transports import images_http as im
+
+    service = im._service(request)
+    try:
+        form = await im._form(request, service)
+        fields: dict[str, Any] = {}
+        uploads = {}
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if key in ("image", "image[]") and "image" not in uploads:
+                    uploads["image"] = await im._upload(value, key,
+                                                        service.limits.max_upload_bytes)
+            else:
+                fields[key] = value
+        if "image" not in uploads:
+            raise GenerateError(400, "missing_image", "Field 'image' (a file) is required.")
+        config, response_format, fmt = im._common_config(fields)
+        config.setdefault("strength", 0.6)
+        model = im._default_model(service, "image2image", fields.get("model"),
+                                  im.OPENAI_IMAGE_ALIASES)
+        prompt = str(fields.get("prompt") or "a variation of this image, same subject and style")
+        body = GenerateRequest(task="image2image", model=model,
+                               backend=str(fields.get("backend") or "auto"),
+                               inputs={"prompt": prompt}, config=config)
+        job = await im.submit_owned(service, body, uploads, mode="sync",
+                                    owner=im._owner(request))
+        await job.done.wait()
+        if job.state != "succeeded" or job.result is None:
+            return im._failure(job, request, "images")
+        return im._images_response(job, await im._image_data(job, request, response_format),
+                                   fmt)
+    except GenerateError as exc:
+        return im.openai_error(exc, request, "images")
+    except ValueError as exc:
+        return im.openai_error(GenerateError(400, "invalid_request", str(exc)), request,
+                               "images")
+
+
+async def provider_images(request: Request) -> Response:
+    """Image generation pinned to an upstream provider of kind ``openai``."""
+    provider = request.path_params["provider"]
+    try:
+        body = await _json(request)
+        model = _model(body)
+        if not model.startswith(f"{provider}/"):
+            model = f"{provider}/{model}"
+        return JSONResponse(await gateway_of(get_state(request)).images(model, body))
+    except GatewayError as exc:
+        _count_error(request, "gateway.images", exc)
+        return _openai_error(exc)
 
 
 async def audio_translations(request: Request) -> Response:
@@ -649,3 +711,7 @@ for _prefix in PREFIXES:
     router.add_api_route(_prefix + "/audio/translations", audio_translations, methods=["POST"])
 
 _mount_media_aliases()
+# After the local routes above: `providers/local/...` is matched first.
+for _prefix in PREFIXES:
+    router.add_api_route(_prefix + "/providers/{provider}/images/generations", provider_images,
+                         methods=["POST"])

@@ -1,0 +1,312 @@
+"""What the inference gateway costs: overhead per request and per streamed token, failover
+time, and local embedding throughput.
+
+Three processes, as users run it: a fake OpenAI-compatible upstream (the tests' fake,
+uvicorn in its own process), ``omnistream serve --providers FILE`` routing to it, and
+this client. Each figure is measured twice, straight to the fake and through the
+gateway, in the same run, so the ratio holds even though absolute times move with the
+machine's load.
+
+    python bench/gateway_bench.py                # writes bench/results/gateway.json + .md
+    python bench/gateway_bench.py --quick        # fewer requests (smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.omnistream_server import free_port, omnistream_server
+
+RESULTS = Path(__file__).resolve().parent / "results"
+STREAM_WORDS = 64  # the fake echoes the prompt: one chunk per word
+
+
+def serve_fake(port: int, failing: bool) -> None:
+    """Run the tests' fake upstream in this process (the ``--serve-fake`` mode)."""
+    import uvicorn
+
+    from tests.gateway_fakes import FakeUpstream, Faults, build_app
+
+    fake = FakeUpstream("alpha", port=port)
+    if failing:
+        fake.faults = Faults(status=500, fail_count=-1)
+    uvicorn.run(build_app(fake), host="127.0.0.1", port=port,
+                log_level="warning", lifespan="off", loop="uvloop")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def summary(ms: list[float]) -> dict[str, float]:
+    return {"p50_ms": round(percentile(ms, 0.5), 3), "p95_ms": round(percentile(ms, 0.95), 3),
+            "mean_ms": round(statistics.fmean(ms), 3), "n": len(ms)}
+
+
+async def run_load(client: httpx.AsyncClient, url: str, body: dict[str, Any],
+                   concurrency: int, total: int, stream: bool) -> dict[str, Any]:
+    """``total`` requests from ``concurrency`` workers; latency (and TTFT for streams)."""
+    latencies: list[float] = []
+    ttfts: list[float] = []
+    chunks_seen: list[int] = []
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(total):
+        queue.put_nowait(i)
+
+    errors = 0
+
+    async def worker() -> None:
+        nonlocal errors
+        while True:
+            try:
+                queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            try:
+                await one()
+            except httpx.TransportError:
+                # A keep-alive connection the server closed as it was reused: count it,
+                # the request is not timed.
+                errors += 1
+
+    async def one() -> None:
+        if True:
+            started = time.perf_counter()
+            if not stream:
+                r = await client.post(url, json=body)
+                r.raise_for_status()
+                latencies.append((time.perf_counter() - started) * 1000)
+                return
+            first = None
+            count = 0
+            async with client.stream("POST", url, json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        count += 1
+                        if first is None:
+                            first = time.perf_counter()
+            latencies.append((time.perf_counter() - started) * 1000)
+            ttfts.append(((first or time.perf_counter()) - started) * 1000)
+            chunks_seen.append(count)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - started
+    out: dict[str, Any] = {"latency": summary(latencies),
+                           "throughput_rps": round(len(latencies) / wall, 1),
+                           "transport_errors": errors}
+    if stream:
+        out["ttft"] = summary(ttfts)
+        out["chunks_per_stream"] = round(statistics.fmean(chunks_seen), 1)
+    return out
+
+
+def ratio(gw: dict[str, Any], direct: dict[str, Any], key: str = "latency") -> dict[str, float]:
+    return {
+        "p50_ratio": round(gw[key]["p50_ms"] / direct[key]["p50_ms"], 3),
+        "p95_ratio": round(gw[key]["p95_ms"] / direct[key]["p95_ms"], 3),
+        "p50_added_ms": round(gw[key]["p50_ms"] - direct[key]["p50_ms"], 3),
+    }
+
+
+async def overhead(fake: str, gateway: str, quick: bool) -> dict[str, Any]:
+    prompt = " ".join(f"w{i}" for i in range(STREAM_WORDS))
+    messages = [{"role": "user", "content": prompt}]
+    results: dict[str, Any] = {}
+    limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        for stream in (False, True):
+            for concurrency, total in ((1, 60 if quick else 300), (64, 256 if quick else 1280)):
+                key = f"{'stream' if stream else 'request'}_c{concurrency}"
+                body = {"messages": messages, "stream": stream}
+                # warm both paths (connections, the gateway's lazy setup)
+                for base, model in ((fake, "fake-chat"), (gateway, "alpha/fake-chat")):
+                    await run_load(client, f"{base}/v1/chat/completions",
+                                   {**body, "model": model}, 4, 8, stream)
+                direct = await run_load(client, f"{fake}/v1/chat/completions",
+                                        {**body, "model": "fake-chat"}, concurrency, total,
+                                        stream)
+                via = await run_load(client, f"{gateway}/v1/chat/completions",
+                                     {**body, "model": "alpha/fake-chat"}, concurrency,
+                                     total, stream)
+                entry: dict[str, Any] = {"direct": direct, "gateway": via,
+                                         "latency": ratio(via, direct)}
+                if stream:
+                    entry["ttft"] = ratio(via, direct, "ttft")
+                    tokens = direct["chunks_per_stream"]
+                    entry["added_ms_per_token_p50"] = round(
+                        (via["latency"]["p50_ms"] - direct["latency"]["p50_ms"]) / tokens, 4)
+                results[key] = entry
+                print(key, json.dumps(entry["latency"]), flush=True)
+    return results
+
+
+async def failover(gateway: str, quick: bool) -> dict[str, Any]:
+    """Time to an answer when the first target of a combo is down (refused / 500 / open)."""
+    out: dict[str, Any] = {}
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    n = 20 if quick else 100
+    async with httpx.AsyncClient(timeout=60) as client:
+        for name, model in (("healthy_single_target", "alpha/fake-chat"),
+                            ("first_target_refuses_connections", "via-dead"),
+                            ("first_target_answers_500", "via-broken")):
+            ms = []
+            for _ in range(n):
+                started = time.perf_counter()
+                r = await client.post(f"{gateway}/v1/chat/completions",
+                                      json={**body, "model": model})
+                assert r.status_code == 200, r.text
+                ms.append((time.perf_counter() - started) * 1000)
+            # The first few calls reach the broken target; later ones find its circuit open.
+            out[name] = {"first_call_ms": round(ms[0], 3), "calls_while_closed": summary(ms[:3]),
+                         "after_breaker_opened": summary(ms[5:])}
+        info = (await client.get(f"{gateway}/api/v1")).json()["providers"]
+        out["breaker_states_after"] = {k: v.get("state") for k, v in info.items()}
+    return out
+
+
+async def embeddings(gateway: str, quick: bool) -> dict[str, Any]:
+    texts = [f"sentence number {i} about cats, markets and the weather" for i in range(256)]
+    out: dict[str, Any] = {}
+    limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        url = f"{gateway}/v1/embeddings"
+        await client.post(url, json={"model": "local/all-minilm-l6-v2", "input": "warm up"})
+        n = 40 if quick else 200
+        started = time.perf_counter()
+        for i in range(n):
+            r = await client.post(url, json={"model": "local/all-minilm-l6-v2",
+                                             "input": texts[i % len(texts)]})
+            r.raise_for_status()
+        seq = time.perf_counter() - started
+        out["batch1_sequential"] = {"texts": n, "texts_per_s": round(n / seq, 1)}
+        for concurrency in (16, 64):
+            total = n * 2
+            sem = asyncio.Semaphore(concurrency)
+
+            async def one(i: int, sem: asyncio.Semaphore = sem) -> None:
+                async with sem:
+                    r = await client.post(url, json={"model": "local/all-minilm-l6-v2",
+                                                     "input": texts[i % len(texts)]})
+                    r.raise_for_status()
+
+            started = time.perf_counter()
+            await asyncio.gather(*(one(i) for i in range(total)))
+            wall = time.perf_counter() - started
+            out[f"concurrent_{concurrency}_single_text_requests"] = {
+                "texts": total, "texts_per_s": round(total / wall, 1)}
+        metrics = (await client.get(f"{gateway}/metrics")).text
+        for line in metrics.splitlines():
+            if line.startswith('omnistream_batch_size_sum{model="all-minilm-l6-v2"}'):
+                out["batch_items_sum"] = float(line.split()[-1])
+            if line.startswith('omnistream_batch_size_count{model="all-minilm-l6-v2"}'):
+                out["batches"] = float(line.split()[-1])
+        if out.get("batches"):
+            out["mean_batch_size"] = round(out["batch_items_sum"] / out["batches"], 2)
+    return out
+
+
+def write_markdown(report: dict[str, Any], path: Path) -> None:
+    lines = ["# Gateway overhead", "", f"Machine: {report['machine']}; run {report['when']}.",
+             f"Command: `{report['command']}`", "",
+             "| scenario | direct p50 / p95 ms | gateway p50 / p95 ms | ratio p50 / p95 "
+             "| added p50 ms |",
+             "|---|---|---|---|---|"]
+    for key, entry in report["overhead"].items():
+        d, g, r = entry["direct"]["latency"], entry["gateway"]["latency"], entry["latency"]
+        lines.append(f"| {key} | {d['p50_ms']} / {d['p95_ms']} | {g['p50_ms']} / {g['p95_ms']} "
+                     f"| {r['p50_ratio']} / {r['p95_ratio']} | {r['p50_added_ms']} |")
+    lines += ["", f"Streams carry ~{STREAM_WORDS} chunks; added ms per token (p50):"]
+    for key, entry in report["overhead"].items():
+        if "added_ms_per_token_p50" in entry:
+            lines.append(f"- {key}: {entry['added_ms_per_token_p50']} ms/token, TTFT ratio "
+                         f"p50 {entry['ttft']['p50_ratio']}")
+    lines += ["", "## Failover", "", "```json", json.dumps(report["failover"], indent=2), "```",
+              "", "## Local embeddings (all-MiniLM-L6-v2, numpy, one runner thread)", "",
+              "```json", json.dumps(report["embeddings"], indent=2), "```", ""]
+    path.write_text("\n".join(lines))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--serve-fake", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--failing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=str(RESULTS / "gateway.json"))
+    args = parser.parse_args()
+    if args.serve_fake:
+        serve_fake(args.serve_fake, args.failing)
+        return 0
+    fake_port, broken_port, dead_port = free_port(), free_port(), free_port()
+    procs = [subprocess.Popen([sys.executable, __file__, "--serve-fake", str(p),
+                               *(["--failing"] if p == broken_port else [])])
+             for p in (fake_port, broken_port)]
+    try:
+        for port in (fake_port, broken_port):
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1)
+                    break
+                except httpx.HTTPError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+        with tempfile.TemporaryDirectory() as tmp:
+            providers = Path(tmp) / "providers.yaml"
+            providers.write_text(f"""\
+providers:
+  alpha: {{kind: openai, base_url: "http://127.0.0.1:{fake_port}/v1", models: [fake-chat]}}
+  dead: {{kind: openai, base_url: "http://127.0.0.1:{dead_port}/v1", models: [fake-chat]}}
+  broken: {{kind: openai, base_url: "http://127.0.0.1:{broken_port}/v1", models: [fake-chat]}}
+combos:
+  via-dead: [dead/fake-chat, alpha/fake-chat]
+  via-broken: [broken/fake-chat, alpha/fake-chat]
+""")
+            env = {"OMNISTREAM_PROVIDERS_FILE": str(providers),
+                   "OMNISTREAM_GATEWAY_BREAKER_FAILURES": "3",
+                   "OMNISTREAM_GATEWAY_BREAKER_COOLDOWN_S": "600"}
+            with omnistream_server(**env) as (address, _proc):
+                gateway = f"http://{address}"
+                fake = f"http://127.0.0.1:{fake_port}"
+                report = {
+                    "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                               f"Python {platform.python_version()}",
+                    "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                    "command": "python bench/gateway_bench.py" + (" --quick" if args.quick
+                                                                  else ""),
+                    "overhead": asyncio.run(overhead(fake, gateway, args.quick)),
+                    "failover": asyncio.run(failover(gateway, args.quick)),
+                    "embeddings": asyncio.run(embeddings(gateway, args.quick)),
+                }
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=10)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    write_markdown(report, out.with_suffix(".md"))
+    print(out.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
