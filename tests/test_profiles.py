@@ -187,6 +187,7 @@ models:
     service: text2audio.service.v1
     port: {tts_port}
     warmup: {{text: Warm up now., max_chunks: 1}}
+    concurrency: 1
   - id: omni-avatar-lite
     task: audio2video
     service: realtime-avatar.ws.v1
@@ -307,3 +308,35 @@ async def test_a_model_that_cannot_load_is_served_by_its_fallback(
             await asyncio.sleep(0.05)
         assert reply["type"] == "init_ok"
         assert reply["model"] == "omni-avatar-lite" and reply["degraded_from"] == "wav2lip-96"
+
+
+def test_concurrency_bounds_streams_and_jobs_of_a_model(composition: dict[str, Any]) -> None:
+    text = "Keep the voice busy for a while, then once more."  # under the 60 allowed
+    with httpx.Client(base_url=composition["tts"], timeout=60) as client:
+        with client.stream("POST", "/v1/text2audio/stream", json={"text": text}) as first:
+            assert first.status_code == 200
+            second = client.post("/v1/text2audio/stream", json={"text": "Hi."})
+            assert second.status_code == 429
+            assert second.json()["error"]["code"] == "capacity_exceeded"
+            assert "Retry-After" in second.headers
+            first.read()
+    with httpx.Client(base_url=composition["base"], timeout=60) as client:
+        ids = [
+            client.post(
+                "/v1/generate",
+                json={"task": "text2audio", "model": "hibari", "inputs": {"prompt": text},
+                      "async_run": True},
+            ).json()["id"]
+            for _ in range(2)
+        ]
+        records = []
+        for job_id in ids:
+            for _ in range(600):
+                record = client.get(f"/v1/jobs/{job_id}").json()
+                if record["state"] in ("succeeded", "failed", "cancelled"):
+                    break
+                time.sleep(0.05)
+            assert record["state"] == "succeeded", record
+            records.append(record)
+    first_job, second_job = sorted(records, key=lambda r: r["started_at_ms"])
+    assert second_job["started_at_ms"] >= first_job["finished_at_ms"]  # one at a time

@@ -8,6 +8,7 @@ registers a shutdown hook that cancels running jobs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -243,9 +244,14 @@ class JobService:
     async def run_local(
         self, job: Job, spec: ModelSpec, prepared: Prepared, inputs_ms: float
     ) -> None:
-        """Run a job in this process once a job slot is free (its state ends terminal)."""
+        """Run a job in this process once a job slot is free (its state ends terminal).
+
+        A Runtime Profile's ``concurrency`` for the model also bounds how many of its jobs
+        run at once; the others wait queued (a job never holds a server-wide slot while
+        it waits for its model's).
+        """
         try:
-            async with self.store.slots:
+            async with self._model_slot(spec.id), self.store.slots:
                 if job.terminal:
                     return
                 await self._run_started(job, spec, prepared, inputs_ms)
@@ -257,6 +263,14 @@ class JobService:
             if job.started_at_ms is not None and job.finished_at_ms is not None:
                 seconds = (job.finished_at_ms - job.started_at_ms) / 1000.0
                 metrics.job_seconds.labels(job.request.task).observe(seconds)
+
+    def _model_slot(self, model_id: str) -> contextlib.AbstractAsyncContextManager[Any]:
+        """The model's job-concurrency semaphore (a no-op when the model has no limit)."""
+        limit = self.state.sessions.model_limits.get(model_id)
+        if limit is None:
+            return contextlib.nullcontext()
+        slots: dict[str, asyncio.Semaphore] = self.state.extras.setdefault("jobs.model_slots", {})
+        return slots.setdefault(model_id, asyncio.Semaphore(limit))
 
     async def _run_started(
         self, job: Job, spec: ModelSpec, prepared: Prepared, inputs_ms: float
