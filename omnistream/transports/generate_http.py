@@ -31,6 +31,12 @@ from omnistream.jobs.inputs import Upload
 from omnistream.jobs.schemas import TERMINAL_EVENTS, GenerateRequest, JobTrace
 from omnistream.jobs.service import JobService
 from omnistream.jobs.store import Job
+from omnistream.transports.request_schemas import (
+    GenerateBody,
+    GenerateForm,
+    TranscriptionForm,
+    body_of,
+)
 from omnistream.transports.state import ModelAccessError, get_state
 from omnistream.transports.ws_common import off_loop
 
@@ -159,7 +165,12 @@ def _job_status(job: Job) -> int:
     return 500 if job.error is None or job.error.code == "runtime_error" else 400
 
 
-@router.post("/v1/generate")
+@router.post(
+    "/v1/generate",
+    openapi_extra=body_of(
+        {"application/json": GenerateBody, "multipart/form-data": GenerateForm}
+    ),
+)
 async def generate(request: Request) -> Response:
     """Run a task synchronously (GenerateResult) or as a job (``async_run``: job record)."""
     service = _service(request)
@@ -470,7 +481,10 @@ def subtitles(segments: list[dict[str, Any]], fmt: str) -> str:
     return "\n".join(lines)
 
 
-@router.post("/v1/audio/transcriptions")
+@router.post(
+    "/v1/audio/transcriptions",
+    openapi_extra=body_of({"multipart/form-data": TranscriptionForm}),
+)
 async def transcriptions(request: Request) -> Response:
     """OpenAI transcription: multipart ``file``, ``model``, ``language``, ``response_format``.
 

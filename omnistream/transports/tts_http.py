@@ -40,6 +40,12 @@ from omnistream.engine.runner import Priority
 from omnistream.models.tts import TASK, default_voice, sample_rate, voice_catalog
 from omnistream.sessions.manager import CapacityExceeded
 from omnistream.sessions.tts import SynthesisFailed, TtsStream
+from omnistream.transports.request_schemas import (
+    SpeechBody,
+    Text2AudioBody,
+    WarmupBody,
+    json_body,
+)
 from omnistream.transports.state import AppState, ModelAccessError, get_state
 
 router = APIRouter()
@@ -380,13 +386,13 @@ def _audio_response(
 # -- text2audio (PROTOCOLS §4) ---------------------------------------------------------
 
 
-@router.post("/v1/text2audio/stream")
+@router.post("/v1/text2audio/stream", openapi_extra=json_body(Text2AudioBody))
 async def text2audio_stream(request: Request) -> Response:
     """Stream speech for ``text`` as raw s16le (or a streamed WAV)."""
     return await _text2audio(request, None)
 
 
-@router.post("/v1/text2audio/warmup")
+@router.post("/v1/text2audio/warmup", openapi_extra=json_body(WarmupBody, required=False))
 async def text2audio_warmup(request: Request) -> Response:
     """Load voice models and synthesise a short phrase so the first client pays nothing.
 
@@ -468,7 +474,7 @@ async def text2audio_models(request: Request) -> dict[str, Any]:
     }
 
 
-@router.post("/v1/text2audio/{model}")
+@router.post("/v1/text2audio/{model}", openapi_extra=json_body(Text2AudioBody))
 async def text2audio_model(request: Request, model: str) -> Response:
     """Like ``/v1/text2audio/stream`` with the model named in the path."""
     return await _text2audio(request, model)
@@ -601,7 +607,7 @@ async def tts_voices(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
-@router.post("/v1/audio/speech")
+@router.post("/v1/audio/speech", openapi_extra=json_body(SpeechBody))
 async def openai_speech(request: Request) -> Response:
     """OpenAI-compatible speech: every ``response_format``, ``speed``, SSE streaming."""
     state = get_state(request)

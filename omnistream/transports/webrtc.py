@@ -67,6 +67,7 @@ from omnistream.sessions.webrtc import (
     WebRTCAvatarSession,
     WebRTCSessionConfig,
 )
+from omnistream.transports.request_schemas import WebRtcOfferBody, json_body
 from omnistream.transports.state import AppState, ModelAccessError, get_state
 from omnistream.transports.ws_common import off_loop
 
@@ -389,7 +390,7 @@ async def webrtc_config(request: Request) -> dict[str, Any]:
     }
 
 
-@router.post("/v1/webrtc/offer")
+@router.post("/v1/webrtc/offer", openapi_extra=json_body(WebRtcOfferBody))
 async def webrtc_offer(request: Request) -> Response:
     """Answer an SDP offer with a live avatar session (non-trickle ICE)."""
     state = get_state(request)
