@@ -58,6 +58,13 @@ def _add_serve(sub: Any) -> None:
         help="upstream LLM/web providers, aliases and combos for the gateway routes (YAML; "
         "OMNISTREAM_PROVIDERS_FILE); a file with an error refuses to start",
     )
+    p.add_argument(
+        "--omni-groups",
+        dest="omni_groups_file",
+        metavar="FILE",
+        help="YAML file defining, renaming or hiding the task API's model groups "
+        "(OMNISTREAM_OMNI_GROUPS_FILE)",
+    )
     keys = p.add_argument_group("keys and browsers")
     keys.add_argument(
         "--api-key-file",
@@ -132,6 +139,7 @@ def _serve(args: argparse.Namespace) -> int:
             "jpeg_quality": args.jpeg_quality,
             "log_level": args.log_level,
             "models_dir": getattr(args, "models_dir", None),
+            "omni_groups_file": getattr(args, "omni_groups_file", None),
             "api_key_file": args.api_key_file,
             "providers_file": getattr(args, "providers_file", None),
             "no_auth": args.no_auth,
@@ -146,7 +154,7 @@ def _serve(args: argparse.Namespace) -> int:
         if v is not None
     }
     settings = Settings(**overrides)
-    problem = exposure_problem(settings)
+    problem = exposure_problem(settings) or omni_groups_problem(settings)
     if problem:
         print(f"omnistream serve: {problem}", file=sys.stderr)
         return 2
@@ -209,6 +217,19 @@ def exposure_problem(settings: Any) -> str | None:
         "use every route. Give --api-key-file FILE (or OMNISTREAM_API_KEY_FILE), or pass "
         "--no-auth to serve it open anyway."
     )
+
+
+def omni_groups_problem(settings: Any) -> str | None:
+    """Why the task API's groups file cannot be used, or None (checked before serving)."""
+    if not settings.omni_groups_file:
+        return None
+    from omnistream.omni_api.catalog import GroupsFileError, load_groups
+
+    try:
+        load_groups(settings.omni_groups_file)
+    except GroupsFileError as exc:
+        return str(exc)
+    return None
 
 
 def is_loopback(host: str) -> bool:

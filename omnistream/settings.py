@@ -177,6 +177,26 @@ class Settings(BaseSettings):
     max_queued_jobs: int = Field(64, ge=1, description="Offline jobs waiting before 429")
     stt_model: str = "whisper-tiny.en"
 
+    # Hosted task API (omnistream/omni_api, /api/omni)
+    omni_signing_secret: str | None = Field(
+        None,
+        description="Key signing upload and output URLs; unset = random per process (URLs "
+        "then die with a restart; set the same one on every cluster node)",
+    )
+    omni_upload_ttl_s: float = Field(
+        900.0, gt=0, description="Upload slots expire after this; the task fails upload_expired"
+    )
+    omni_output_url_ttl_s: float = Field(
+        3600.0, gt=0, description="Output URLs handed out by a status call stop working after this"
+    )
+    omni_groups_file: str | None = Field(
+        None, description="YAML file defining, renaming or hiding model groups (--omni-groups)"
+    )
+    omni_max_tasks: int = Field(4096, ge=1, description="Finished tasks kept for status calls")
+    omni_max_awaiting_upload: int = Field(
+        256, ge=1, description="Tasks that may wait for their uploads at once before 429"
+    )
+
     # Voice agent (WS /v1/realtime, the demo's talk mode)
     realtime_output_lead_ms: int = Field(
         300, ge=0, le=5000, description="Agent audio is sent this far ahead of real time"

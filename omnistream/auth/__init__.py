@@ -53,6 +53,10 @@ class Principal:
 
 ANONYMOUS = Principal(name="anonymous", owner="anonymous")
 
+#: The caller of a key-less request to a public or signed path while keys are on: it
+#: holds no scope, so nothing that needs one (or admin) is granted to it.
+PUBLIC = Principal(name="public", owner="public", scopes=frozenset())
+
 
 #: The caller whose request this task serves. The edge middleware sets it; tasks a
 #: request starts (an offline job) inherit it, so a model lookup deep in a job still
@@ -82,6 +86,7 @@ def bind_principal(principal: Principal) -> contextvars.Token[Principal]:
 
 __all__ = [
     "ANONYMOUS",
+    "PUBLIC",
     "Principal",
     "bind_principal",
     "current_principal",

@@ -25,10 +25,17 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from omnistream.auth import ANONYMOUS, PRINCIPAL_SCOPE_KEY, Principal, bind_principal
+from omnistream.auth import ANONYMOUS, PRINCIPAL_SCOPE_KEY, PUBLIC, Principal, bind_principal
 from omnistream.auth.errors import error_body
 from omnistream.auth.limits import retry_after_header
-from omnistream.auth.policy import EXEMPT_PATHS, UPLOAD_PATHS, RouteRule, rule_for
+from omnistream.auth.policy import (
+    EXEMPT_PATHS,
+    KEY_OPTIONAL_PATHS,
+    SIGNED_PATHS,
+    UPLOAD_PATHS,
+    RouteRule,
+    rule_for,
+)
 from omnistream.auth.service import AuthService, QuotaExceeded
 
 #: Query parameters that may carry a key; their values never reach a log.
@@ -140,7 +147,9 @@ class EdgeMiddleware:
         _redact_query(scope)
         is_ws = scope["type"] == "websocket"
         method = scope.get("method", "GET")
-        exempt = path in EXEMPT_PATHS or (path == "/metrics" and auth.settings.public_metrics)
+        signed = SIGNED_PATHS.match(path) is not None  # the route checks the URL's signature
+        exempt = (path in EXEMPT_PATHS or signed
+                  or (path == "/metrics" and auth.settings.public_metrics))
 
         origin = headers.get("origin")
         if (origin and not exempt and (is_ws or method not in SAFE_METHODS)
@@ -150,7 +159,9 @@ class EdgeMiddleware:
             return
 
         principal: Principal = ANONYMOUS
-        if auth.enabled and not exempt and not (method == "OPTIONS" and origin):
+        if auth.enabled and (signed or (credential is None and KEY_OPTIONAL_PATHS.match(path))):
+            principal = PUBLIC
+        elif auth.enabled and not exempt and not (method == "OPTIONS" and origin):
             refused = self._authorise(auth, rule, credential)
             if isinstance(refused, tuple):
                 auth.requests.labels(refused[0], refused[1]).inc()

@@ -29,6 +29,20 @@ SCOPES: tuple[str, ...] = (
 #: Paths that answer without a key (liveness and readiness probes).
 EXEMPT_PATHS: frozenset[str] = frozenset({"/healthz", "/health", "/readyz"})
 
+#: Paths that answer without a key because the URL itself is the credential: the hosted
+#: task API's upload slots and output files carry an HMAC signature and an expiry that
+#: the route verifies (constant time) before it touches anything. The caller there is
+#: :data:`~omnistream.auth.PUBLIC` (no scopes), whatever header it sends.
+SIGNED_PATHS = re.compile(
+    r"^/api/omni/(uploads|files)/[^/]+/[^/]+$"
+    r"|^/internal/cluster/files/[^/]+$"  # node to node: signed with the cluster secret
+)
+
+#: Paths where a key is optional: without one the caller is the public (no scopes);
+#: one that is sent is checked as anywhere else (the task API's public model catalog,
+#: whose ``?all=true`` needs an admin key).
+KEY_OPTIONAL_PATHS = re.compile(r"^/api/omni/models$")
+
 
 #: Routes that take files (multipart uploads, base64 media in JSON, raw PUT uploads): their
 #: body limit derives from ``max_upload_bytes``; every other body is held to

@@ -154,5 +154,8 @@ def create_app(
     from omnistream.transports import realtime_ws
 
     app.include_router(realtime_ws.router)
+    from omnistream.omni_api import routes as omni_routes
+
+    app.include_router(omni_routes.router)  # the hosted task API, /api/omni
     app.include_router(flashtalk.router)  # last: it owns the catch-all `WS /`
     return app
