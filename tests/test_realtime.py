@@ -14,12 +14,14 @@ import json
 import os
 import wave
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 import soxr
+import websockets
 from openai import AsyncOpenAI
 
 from omnistream.codecs import g711
@@ -362,3 +364,24 @@ def test_g711_round_trip() -> None:
         back = np.frombuffer(g711.decode(g711.encode(tone.tobytes(), law), law), dtype="<i2")
         assert np.max(np.abs(back.astype(int) - tone)) < 12000 * 0.04
 
+
+
+async def test_keys_guard_the_handshake_and_client_secrets_open_it(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.txt"
+    keys.write_text("sk-realtime-test\n")
+    with run_server(api_key_file=str(keys)) as srv:
+        bare = AsyncOpenAI(base_url=srv.http + "/v1", api_key="sk-wrong")
+        with pytest.raises(Exception) as refused:
+            async with bare.realtime.connect(extra_query={"intent": "transcription"}) as conn:
+                await conn.recv()
+        assert "401" in str(refused.value)
+        keyed = AsyncOpenAI(base_url=srv.http + "/v1", api_key="sk-realtime-test")
+        async with keyed.realtime.connect(extra_query={"intent": "transcription"}) as conn:
+            assert (await conn.recv()).type == "session.created"
+        # A browser: a client secret minted with the key, sent as a subprotocol.
+        secret = (await keyed.realtime.client_secrets.create()).value
+        url = srv.ws + "/v1/realtime?intent=transcription"
+        async with websockets.connect(url, subprotocols=[  # type: ignore[list-item]
+            "realtime", f"openai-insecure-api-key.{secret}"]) as ws:
+            assert ws.subprotocol == "realtime"
+            assert json.loads(await ws.recv())["type"] == "session.created"

@@ -10,7 +10,9 @@ import asyncio
 import fractions
 import os
 import time
+import wave
 from collections.abc import Iterator
+from pathlib import Path
 
 import av
 import httpx
@@ -21,7 +23,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from tests.fake_llm import ANSWER, FakeLLM, run_fake_llm
 from tests.server import RunningServer, run_server
-from tests.webrtc_helpers import RtcClient, loopback_ice
+from tests.webrtc_helpers import CHROMEDRIVER, CHROMIUM, Chrome, RtcClient, loopback_ice
 
 MIC_RATE = 48000
 FRAME = 960  # 20 ms
@@ -157,3 +159,55 @@ async def _wait(client: RtcClient, match: object, within: float) -> dict[str, ob
         seen = len(client.events)
         await asyncio.sleep(0.02)
     raise TimeoutError(f"no matching event in {within} s; last: {client.events[-5:]}")
+
+
+# -- the demo page in headless Chromium ---------------------------------------------------
+
+
+def _question_wav(srv: RunningServer, path: Path) -> None:
+    """What Chromium's fake microphone loops: a pause, the question, a longer pause."""
+    pcm = np.frombuffer(_speech(srv, "What is the capital of France?"), dtype="<i2")
+    samples = soxr.resample(pcm.astype(np.float32) / 32768.0, 24000, MIC_RATE)
+    body = np.concatenate([np.zeros(MIC_RATE), samples, np.zeros(MIC_RATE * 5)])
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(MIC_RATE)
+        out.writeframes((np.clip(body, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                    reason="chromium and chromedriver are not installed")
+def test_demo_talk_mode_in_chromium(talk_server: RunningServer, tmp_path: Path) -> None:
+    wav = tmp_path / "question.wav"
+    _question_wav(talk_server, wav)
+    chrome = Chrome([f"--use-file-for-fake-audio-capture={wav}"])
+    try:
+        chrome.get(f"{talk_server.http}/demo?width=256&height=384&fps=25"
+                   "&talk=1&talk_model=fake/chat")
+        chrome.wait_for("return window.omni && window.omni.ready === true")
+        assert chrome.run("return document.getElementById('talk').checked") is True
+        answer = chrome.run_async("return await window.omni.connect({talk: "
+                                  "{model: 'fake/chat', silence_duration_ms: 300}});")
+        assert answer["talk"]["model"] == "fake/chat", answer
+        chrome.wait_for("return window.omni.state === 'connected'", 20)
+        user = chrome.wait_for(
+            "return window.omni.events.find(e => e.type === 'transcript' && e.role === 'user')",
+            40)
+        assert "capital" in user["text"].lower()
+        said = chrome.wait_for(
+            "return window.omni.events.find(e => e.type === 'transcript'"
+            " && e.role === 'assistant')", 30)
+        assert said["text"] == ANSWER
+        chrome.wait_for("return window.omni.events.some(e => e.type === 'talk.state'"
+                        " && e.state === 'speaking')", 10)
+        shown = chrome.run("return document.getElementById('transcript').textContent")
+        assert "Avatar:" in shown and "Paris" in shown
+        badge = chrome.run("return document.getElementById('talkState').hidden")
+        assert badge is False
+        time.sleep(1.5)
+        heard = chrome.run_async("return await window.omni.stats();")["audio"]
+        assert heard["totalAudioEnergy"] > 0
+        chrome.run_async("await window.omni.disconnect(); return true;")
+    finally:
+        chrome.quit()

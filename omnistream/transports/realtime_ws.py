@@ -170,7 +170,7 @@ def new_session(
 ) -> VoiceAgentSession:
     """A voice agent on this server's runners (not yet admitted or started)."""
     settings = state.settings
-    voice = agent_voice(state)
+    voice = agent_voice(state) if config.kind == "realtime" else None  # transcription: no voice
     if not config.voice:
         config.voice = default_voice_id(voice, state)
     return VoiceAgentSession(
