@@ -372,9 +372,7 @@ class PreparedAvatar:
     info: dict[str, Any] = field(default_factory=dict)
     # Jaw poses, tabulated by _build_mouth_tables: [openness, shape, …].
     mouth_disp: F32 = field(default_factory=lambda: np.zeros((0,), np.float32))
-    gap_top: F32 = field(default_factory=lambda: np.zeros((0,), np.float32))
-    gap_bottom: F32 = field(default_factory=lambda: np.zeros((0,), np.float32))
-    gap_profile: F32 = field(default_factory=lambda: np.zeros((0,), np.float32))
+    gap_columns: F32 = field(default_factory=lambda: np.zeros((0,), np.float32))
 
 
 def _smoothstep(edge0: float, edge1: float, x: F32) -> F32:
@@ -421,17 +419,18 @@ def _prepare_layout(
     fh = max(8.0, chin_y - fy0)
     face = (round(fx0), round(fy0), round(fw), round(fh))
 
-    # The moving band: hair above the face to the neck below the chin, whole block rows.
-    y0 = max(0, int(fy0 - fh * 0.34) // MCU * MCU)
+    # The moving band: the hairline above the face to the neck below the chin, whole
+    # JPEG block rows; everything else is the reference, never rendered nor re-encoded.
+    y0 = max(0, int(fy0 - fh * 0.2) // MCU * MCU)
     y1 = min(height, -(-int(chin_y + fh * (NECK_FADE + 0.06)) // MCU) * MCU)
-    x0 = max(0, int(fx0 - fw * 0.3))
-    x1 = min(width, int(fx1 + fw * 0.3) + 1)
+    x0 = max(0, int(fx0 - fw * 0.2))
+    x1 = min(width, int(fx1 + fw * 0.2) + 1)
     if y1 - y0 < MCU or x1 - x0 < 4:
         y0, y1, x0, x1 = 0, min(height, MCU), 0, min(width, 4)
     gx, gy = np.meshgrid(np.arange(x0, x1, dtype=np.float32), np.arange(y0, y1, dtype=np.float32))
-    hcx, hcy = (fx0 + fx1) / 2, fy0 + fh * 0.45
-    r_head = np.sqrt(((gx - hcx) / (fw * 0.62)) ** 2 + ((gy - hcy) / (fh * 0.85)) ** 2)
-    head_weight = 1.0 - _smoothstep(0.85, 1.25, r_head.astype(np.float32))
+    hcx, hcy = (fx0 + fx1) / 2, fy0 + fh * 0.5
+    r_head = np.sqrt(((gx - hcx) / (fw * 0.55)) ** 2 + ((gy - hcy) / (fh * 0.62)) ** 2)
+    head_weight = 1.0 - _smoothstep(0.9, 1.3, r_head.astype(np.float32))
     # …and nothing moves at the band's edges, whatever the face's proportions.
     margin = max(2.0, fh * 0.08)
     head_weight *= _smoothstep(0.0, margin, np.minimum(gx - x0, (x1 - 1) - gx))
@@ -758,16 +757,20 @@ def draw_band(avatar: PreparedAvatar, pose: Pose) -> RGBFrame:
     if pose.blink > 0.02:
         for eye in a.eyes:
             _warp_eye(a, eye, pose, map_y)
-    band = a.base[a.y0 : a.y1].copy()
-    warped: RGBFrame = np.asarray(
-        cv2.remap(
-            a.base, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
-        ),
-        dtype=np.uint8,
+    band: RGBFrame = np.empty((a.y1 - a.y0, a.base.shape[1], 3), np.uint8)
+    band[:, : a.x0] = a.base[a.y0 : a.y1, : a.x0]
+    band[:, a.x1 :] = a.base[a.y0 : a.y1, a.x1 :]
+    warped = band[:, a.x0 : a.x1]
+    cv2.remap(
+        a.base,
+        map_x,
+        map_y,
+        dst=warped,
+        interpolation=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REPLICATE,
     )
     if cavity is not None:
         _paint_cavity(a, warped, pose, *cavity)
-    band[:, a.x0 : a.x1] = warped
     return band
 
 
@@ -842,9 +845,9 @@ def _build_mouth_tables(a: PreparedAvatar) -> None:
             profiles.append(p)
     h, w = disp[0].shape
     a.mouth_disp = np.stack(disp).reshape(OPEN_LEVELS, SHAPE_LEVELS, h, w)
-    a.gap_top = np.stack(tops).reshape(OPEN_LEVELS, SHAPE_LEVELS, w)
-    a.gap_bottom = np.stack(bottoms).reshape(OPEN_LEVELS, SHAPE_LEVELS, w)
-    a.gap_profile = np.stack(profiles).reshape(OPEN_LEVELS, SHAPE_LEVELS, w)
+    # Per column: the gap's top and bottom rows and the opening's profile.
+    columns = np.stack([np.stack(tops), np.stack(bottoms), np.stack(profiles)], axis=1)
+    a.gap_columns = columns.reshape(OPEN_LEVELS, SHAPE_LEVELS, 3, w).astype(np.float32)
 
 
 def _blend4(table: F32, i: int, j: int, f: float, g: float) -> F32:
@@ -879,15 +882,17 @@ def _warp_mouth(a: PreparedAvatar, pose: Pose, map_x: F32, map_y: F32) -> tuple[
     map_y[ys, xs] += disp
     widen = 1.0 + LIP_SHAPE * pose.shape * pose.openness
     map_x[ys, xs] -= (1.0 - 1.0 / widen) * a.spread_basis
-    cols = np.arange(a.mx0, a.mx1, dtype=np.float32)
-    moved = cols - dx
-
-    def column(table: F32) -> F32:
-        out: F32 = np.interp(moved, cols, _blend4(table, i, j, f, g)).astype(np.float32)
-        return out
-
-    rows = a.grid_y[ys, xs]
-    return column(a.gap_top) + dy, column(a.gap_bottom) + dy, rows, column(a.gap_profile)
+    columns = _blend4(a.gap_columns, i, j, f, g)
+    step = round(dx)
+    if step:
+        # Follow the head sideways (to the pixel: the gap's corners are a pixel wide).
+        if step > 0:
+            pad = np.repeat(columns[:, :1], step, axis=1)
+            columns = np.concatenate([pad, columns[:, :-step]], axis=1)
+        else:
+            pad = np.repeat(columns[:, -1:], -step, axis=1)
+            columns = np.concatenate([columns[:, -step:], pad], axis=1)
+    return columns[0] + dy, columns[1] + dy, a.grid_y[ys, 0], columns[2]
 
 
 def _paint_cavity(
@@ -896,49 +901,50 @@ def _paint_cavity(
     pose: Pose,
     gap_top: F32,
     gap_bottom: F32,
-    rows: F32,
+    row_ys: F32,
     profile: F32,
 ) -> None:
     """Fill the opened gap: a dark, soft-edged mouth with teeth under the upper lip."""
-    height = gap_bottom - gap_top
-    open_cols = np.nonzero(height > 0.05)[0]
+    open_cols = np.flatnonzero(gap_bottom - gap_top > 0.05)
     if len(open_cols) == 0:
         return
     c0, c1 = int(open_cols[0]), int(open_cols[-1]) + 1
-    row_ys = rows[:, 0]
-    inside_rows = np.nonzero(
-        (row_ys >= float(gap_top[c0:c1].min()) - 2) & (row_ys <= float(gap_bottom[c0:c1].max()) + 2)
-    )[0]
-    if len(inside_rows) == 0:
+    top, bottom, prof = gap_top[c0:c1], gap_bottom[c0:c1], profile[c0:c1]
+    r0 = int(np.searchsorted(row_ys, float(top.min()) - 2.0))
+    r1 = int(np.searchsorted(row_ys, float(bottom.max()) + 2.0))
+    if r1 <= r0:
         return
-    r0, r1 = int(inside_rows[0]), int(inside_rows[-1]) + 1
     y = row_ys[r0:r1, None]
-    top, bottom = gap_top[None, c0:c1], gap_bottom[None, c0:c1]
-    prof = profile[None, c0:c1]
     h = np.maximum(bottom - top, 1e-3)
+    rel = (y - top) / h
     # Soft edges: the lips' edges are blurred over about a pixel, never a hard line.
     inside = np.minimum(y - top, bottom - y)
-    alpha = np.clip(inside / 1.6 + 0.3, 0.0, 1.0) * np.clip(h / 2.0, 0.0, 1.0)
-    depth = np.clip((y - top) / h, 0.0, 1.0)
+    alpha = np.minimum(np.maximum(inside * 0.625 + 0.3, 0.0), 1.0) * np.minimum(h * 0.5, 1.0)
+    depth = np.minimum(np.maximum(rel, 0.0), 1.0)
     # Darkest in the shadow under the upper teeth and towards the corners; the tongue
     # catches a little light low in the middle of a wide-open mouth.
-    tongue = (0.6 * depth**2 * prof * np.clip(h / (a.face_h * 0.05), 0, 1))[..., None]
-    shade = (0.55 + 0.45 * prof**0.5)[..., None] * (
-        0.75 + 0.25 * np.clip(depth * 2.0, 0.0, 1.0)[..., None]
-    )
-    colour = (a.cavity_colour * (1.0 - tongue) + a.tongue_colour * tongue) * shade
+    tongue = (0.6 * np.minimum(h / (a.face_h * 0.05), 1.0) * prof) * depth * depth
+    shade = (0.55 + 0.45 * np.sqrt(prof)) * (0.75 + 0.25 * np.minimum(depth * 2.0, 1.0))
+    w_cavity = (1.0 - tongue) * shade
+    w_tongue = tongue * shade
+    parts = [w_cavity[..., None] * a.cavity_colour, w_tongue[..., None] * a.tongue_colour]
     # Upper teeth under the upper lip where the photo shows none (where it does, the
     # photo's own teeth stay above the seam and the gap opens below them).
-    synthetic = (1.0 - a.teeth_shown[None, c0:c1]) * prof**0.6
-    teeth_h = np.minimum(h * 0.4, a.face_h * 0.04)
-    teeth = (1.0 - _smoothstep(0.45, 1.0, (y - top) / np.maximum(teeth_h, 1e-3))) * synthetic
-    teeth = (teeth * np.clip((h - 2.5) / 4.0, 0.0, 1.0))[..., None]
-    colour = colour * (1.0 - teeth) + a.teeth_colour * (0.8 + 0.2 * prof[..., None]) * teeth
+    synthetic = (1.0 - a.teeth_shown[c0:c1]) * np.sqrt(prof) * np.minimum(
+        np.maximum((h - 2.5) * 0.25, 0.0), 1.0
+    )
+    if float(synthetic.max()) > 0.01:
+        teeth_h = np.maximum(np.minimum(h * 0.4, a.face_h * 0.04), 1e-3)
+        t = np.minimum(np.maximum(((y - top) / teeth_h - 0.45) * (1 / 0.55), 0.0), 1.0)
+        teeth = (1.0 - t * t * (3.0 - 2.0 * t)) * synthetic
+        keep = 1.0 - teeth
+        parts = [parts[0] * keep[..., None], parts[1] * keep[..., None]]
+        parts.append((teeth * (0.8 + 0.2 * prof))[..., None] * a.teeth_colour)
+    colour = sum(parts[1:], parts[0])
     xs = slice(a.mx0 - a.x0 + c0, a.mx0 - a.x0 + c1)
     ys = slice(a.my0 - a.y0 + r0, a.my0 - a.y0 + r1)
     patch = warped[ys, xs].astype(np.float32)
-    al = alpha[..., None]
-    warped[ys, xs] = (patch * (1.0 - al) + colour * al + 0.5).astype(np.uint8)
+    warped[ys, xs] = (patch + (colour - patch) * alpha[..., None] + 0.5).astype(np.uint8)
 
 
 def _warp_eye(a: PreparedAvatar, eye: EyeWarp, pose: Pose, map_y: F32) -> None:

@@ -1,0 +1,200 @@
+"""Old renderer against new, in one run: render and encode cost per frame, sessions held.
+
+    python bench/avatar_lite_bench.py [--skip-ramp] [--rounds 5]
+
+1. **direct** (this process, one thread, rounds interleaved old/new so a busy shared
+   machine hurts both alike): render 28-frame chunks of synthesised speech at 416×704
+   with ``omni-avatar-lite-v1`` (the old renderer) and ``omni-avatar-lite`` (the new),
+   and encode each frame the way the server does: old = the whole frame with simplejpeg;
+   new = the changed band only, spliced into the reference's cached rows. CPU time per
+   frame (``thread_time``), medians over rounds; the new renderer's frames are also
+   encoded whole, to split the gain between rendering and encoding.
+2. **ramp**: ``omnistream serve`` twice, old (``OMNISTREAM_AVATAR_MODEL=
+   omni-avatar-lite-v1``, ``OMNISTREAM_JPEG_SPLICE=false``) then new (defaults), each
+   measured with ``omnistream bench avatar --scenario
+   bench/scenarios/avatar-flashtalk-ramp.toml --p95-bound-ms 300``; reports land in
+   ``bench/results/avatar-lite-v2/ramp-{old,new}/``.
+
+Writes ``bench/results/avatar_lite_v2.json`` (with the load average seen before and
+after each part: the machine may be shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from avatar_strip import speech
+from omnistream_server import omnistream_server
+
+from omnistream.codecs.image import decode_image
+from omnistream.codecs.jpeg import encode_jpeg
+from omnistream.codecs.jpeg_splice import SpliceCache
+from omnistream.models import avatar_lite, avatar_lite_v1
+from omnistream.models.avatar_base import ChunkRequest, PrepareRequest
+from omnistream.sessions.avatar import default_avatar_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "results"
+W, H, FPS, CHUNK_FRAMES, QUALITY = 416, 704, 25, 28, 80
+SCENARIO = "bench/scenarios/avatar-flashtalk-ramp.toml"
+
+
+def load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def direct(rounds: int) -> dict[str, Any]:
+    data = default_avatar_bytes()
+    image = decode_image(data, 10**8, 10**8)
+    digest = hashlib.sha256(data).hexdigest()
+    audio = speech(CHUNK_FRAMES * 4 / FPS)
+    models: dict[str, Any] = {
+        "old": avatar_lite_v1.AvatarLite(),
+        "new": avatar_lite.AvatarLite(),
+    }
+    prepared = {k: m.prepare(PrepareRequest(image, W, H, digest)) for k, m in models.items()}
+    splices = SpliceCache()
+    figures: dict[str, list[float]] = {
+        k: [] for k in ("old_render", "old_encode", "new_render", "new_encode", "new_encode_whole")
+    }
+    sizes: dict[str, list[int]] = {"old": [], "new": []}
+    for _ in range(rounds):
+        for name in ("old", "new"):
+            model, avatar = models[name], prepared[name]
+            state = None
+            render_s = encode_s = whole_s = 0.0
+            frames = 0
+            for chunk in range(4):
+                start = chunk * CHUNK_FRAMES * 16000 // FPS
+                request = ChunkRequest(
+                    avatar=avatar,
+                    audio=audio,
+                    audio_offset=start,
+                    start_sample=start,
+                    first_frame_index=chunk * CHUNK_FRAMES,
+                    frame_count=CHUNK_FRAMES,
+                    fps=FPS,
+                    state=state,
+                    session_id="bench",
+                    partial_ok=name == "new",
+                )
+                t0 = time.thread_time()
+                result = model.render([request])[0]
+                render_s += time.thread_time() - t0
+                assert not isinstance(result, BaseException)
+                state = result.state
+                frames += CHUNK_FRAMES
+                if name == "old":
+                    t0 = time.thread_time()
+                    for frame in result.frames:
+                        sizes["old"].append(len(encode_jpeg(frame, QUALITY)))
+                    encode_s += time.thread_time() - t0
+                else:
+                    t0 = time.thread_time()
+                    for part in result.partial:
+                        static = splices.get(part.static.key, part.static.image, QUALITY)
+                        sizes["new"].append(len(static.splice(part.rows, part.y0)))
+                    encode_s += time.thread_time() - t0
+                    whole = [p.full() for p in result.partial]
+                    t0 = time.thread_time()
+                    for frame in whole:
+                        encode_jpeg(frame, QUALITY)
+                    whole_s += time.thread_time() - t0
+            figures[f"{name}_render"].append(render_s * 1000 / frames)
+            figures[f"{name}_encode"].append(encode_s * 1000 / frames)
+            if name == "new":
+                figures["new_encode_whole"].append(whole_s * 1000 / frames)
+    out: dict[str, Any] = {k: round(statistics.median(v), 3) for k, v in figures.items()}
+    out["old_total"] = round(out["old_render"] + out["old_encode"], 3)
+    out["new_total"] = round(out["new_render"] + out["new_encode"], 3)
+    out["speedup_total"] = round(out["old_total"] / out["new_total"], 2)
+    out["jpeg_kb_mean"] = {k: round(float(np.mean(v)) / 1024, 1) for k, v in sizes.items()}
+    new_avatar = prepared["new"]
+    out["moving_rows"] = [new_avatar.y0, new_avatar.y1, H]
+    out["rounds"] = rounds
+    return out
+
+
+def ramp(label: str, env: dict[str, str]) -> dict[str, Any]:
+    out_dir = OUT / "avatar-lite-v2" / f"ramp-{label}"
+    before = load()
+    with omnistream_server(**env) as (address, _):
+        cmd = [
+            sys.executable,
+            "-m",
+            "omnistream.cli",
+            "bench",
+            "avatar",
+            "--scenario",
+            SCENARIO,
+            "--p95-bound-ms",
+            "300",
+            "--url",
+            f"ws://{address}/",
+            "--out",
+            str(out_dir),
+            "--no-plots",
+            "--force",
+        ]
+        started = time.monotonic()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        wall = time.monotonic() - started
+    report = json.loads((out_dir / "report.json").read_text())
+    summary = report["summary"]
+    held = [s for s in summary["steps"] if s["held"]]
+    best = max(held, key=lambda s: s["sessions"]) if held else None
+    return {
+        "env": env,
+        "exit": proc.returncode,
+        "max_sessions_held": summary["max_sessions_held"],
+        "stop_reason": summary.get("stop_reason"),
+        "p95_ms_at_max": best["latency_ms"]["p95"] if best else None,
+        "load_before": before,
+        "load_after": load(),
+        "wall_s": round(wall, 1),
+        "report": str(out_dir.relative_to(ROOT)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--skip-ramp", action="store_true")
+    ap.add_argument("--out", default=str(OUT / "avatar_lite_v2.json"))
+    args = ap.parse_args()
+    result: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "load_start": load()},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    result["direct"] = direct(args.rounds)
+    result["direct"]["load_after"] = load()
+    print(json.dumps(result["direct"], indent=1), flush=True)
+    if not args.skip_ramp:
+        result["ramp_old"] = ramp(
+            "old",
+            {"OMNISTREAM_AVATAR_MODEL": "omni-avatar-lite-v1", "OMNISTREAM_JPEG_SPLICE": "false"},
+        )
+        print(json.dumps(result["ramp_old"], indent=1), flush=True)
+        result["ramp_new"] = ramp("new", {})
+        print(json.dumps(result["ramp_new"], indent=1), flush=True)
+        old, new = result["ramp_old"]["max_sessions_held"], result["ramp_new"]["max_sessions_held"]
+        result["ramp_ratio"] = round(new / old, 2) if old else None
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
