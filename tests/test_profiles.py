@@ -172,7 +172,10 @@ def test_manifest_uses_omnirt_field_names(capsys: pytest.CaptureFixture[str]) ->
 def composition(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """``omnistream serve --profile`` with an avatar port and a text2audio port."""
     main_port, tts_port, avatar_port = free_port(), free_port(), free_port()
-    path = tmp_path_factory.mktemp("profile") / "composition.yaml"
+    folder = tmp_path_factory.mktemp("profile")
+    broken = folder / "broken-wav2lip.pth"
+    broken.write_bytes(b"not a checkpoint")  # passes the file check, fails to load
+    path = folder / "composition.yaml"
     path.write_text(
         f"""\
 name: test-composition
@@ -180,6 +183,7 @@ version: 1.0.0
 defaults: {{max_concurrency: 4, preload: true}}
 environment:
   OMNISTREAM_MAX_TEXT_CHARS: "60"
+  OMNISTREAM_WAV2LIP_96_PATH: "{broken}"
 models:
   - id: hibari
     task: text2audio
@@ -196,7 +200,7 @@ models:
     concurrency: 1
   - id: wav2lip-96
     task: audio2video
-    preload: false
+    backend: cpu
     degrade_to: omni-avatar-lite
 """
     )
@@ -253,8 +257,12 @@ def test_readyz_reports_ready_only_after_warmup(composition: dict[str, Any]) -> 
         assert models[model_id]["warmup_ms"] is not None and models[model_id]["warmup_ms"] > 0
     assert models["hibari"]["warmup"]["chunks"] == 1
     assert models["omni-avatar-lite"]["warmup"]["preload_reference"]["face_detected"]
+    # wav2lip-96 looked loadable (its checkpoint file exists) but failed to load
     degraded = models["wav2lip-96"]
     assert degraded["state"] == "degraded" and degraded["served_by"] == "omni-avatar-lite"
+    assert "failed to load" in degraded["reason"]
+    assert "degrade_to 'omni-avatar-lite'" in degraded["reason"]
+    assert degraded["warmup_ms"] is not None
     assert "OMNISTREAM_MAX_TEXT_CHARS" in ready["profile"]["environment"]
     assert ready["models"]["wav2lip-96"]["degraded_to"] == "omni-avatar-lite"
 

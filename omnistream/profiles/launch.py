@@ -208,10 +208,11 @@ class ProfileRuntime:
 
     def _degrade_after_failure(self, state: AppState, status: ModelStatus, error: str) -> bool:
         """Re-plan a model that failed to load; True when its fallback now serves it."""
-        plan = plan_model(status.entry, state.registry, self.profile, failure=error)
+        failure = f"model '{status.entry.id}' failed to load: {error}"
+        plan = plan_model(status.entry, state.registry, self.profile, failure=failure)
         status.plan = plan
-        if plan.state == "degraded" and plan.served_by not in (None, status.entry.id):
-            self._apply_plan(state, status)
+        if plan.state == "degraded" and plan.served_by is not None:
+            self._apply_plan(state, status)  # its fallback model, or another backend
             return True
         status.state = "failed"
         status.error = error

@@ -286,7 +286,7 @@ def plan_model(
     if fallback in BACKENDS:
         usable = spec is not None and registry.allowed(spec) and spec.unavailable_reason() is None
         device, why = _device_for(spec, fallback) if usable and spec is not None else (None, "")
-        if device is not None and failure is None:
+        if device is not None:
             plan.state, plan.device = "degraded", device
             plan.reason += f"; degrade_to '{fallback}' runs it on {device} instead"
             return plan
