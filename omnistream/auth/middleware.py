@@ -46,7 +46,7 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 #: Scopes whose WebSockets are live sessions and count against a key's ``max_sessions``.
 SESSION_SCOPES = frozenset({"realtime", "tts"})
 #: JSON bodies above this size are scanned for nesting in a worker thread.
-_SCAN_OFF_LOOP_BYTES = 256 * 1024
+_SCAN_OFF_LOOP_BYTES = 32 * 1024
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _BRACKETS = b"[]{}"
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in _BRACKETS)
