@@ -216,6 +216,80 @@ def test_four_sessions_land_two_and_two_then_refusal(cluster: Cluster) -> None:
         time.sleep(0.1)
 
 
+def test_cancel_of_a_queued_job_from_any_node(cluster: Cluster, lb: httpx.Client) -> None:
+    busy = [submit(lb, LONG) for _ in range(2)]  # one job slot per node: both busy
+    for job_id in busy:
+        wait_started(lb, job_id)
+    queued = submit(lb)
+    for node in cluster.nodes:  # the queued job is visible, queued, on every node
+        assert httpx.get(f"{node.http}/v1/jobs/{queued}").json()["state"] == "queued"
+    r = httpx.delete(f"{cluster.nodes[1].http}/v1/jobs/{queued}", timeout=10)
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    for job_id in busy:
+        lb.delete(f"/v1/jobs/{job_id}")
+    record = wait_state(lb, queued)
+    assert record["state"] == "cancelled" and record["node"] is None
+    assert [e["event"] for e in record["events"]] == ["job_enqueued", "job_cancelled"]
+
+
+def test_unreadable_payload_fails_with_a_reason(cluster: Cluster, lb: httpx.Client) -> None:
+    import redis
+
+    r = redis.Redis.from_url(cluster.redis_url, decode_responses=True)
+    job_id = "job_" + "0" * 20
+    r.hset(
+        f"omnistream:job:{job_id}",
+        mapping={
+            "id": job_id, "trace_id": "trace_x", "model": "hibari", "task": "text2audio",
+            "mode": "async", "state": "queued", "attempt": "0", "request": "{not json",
+            "enqueued_at_ms": str(time.time() * 1000),
+        },
+    )  # fmt: skip
+    r.xadd("omnistream:q:batch", {"nonsense": "entry"})  # no job id: skipped
+    r.xadd("omnistream:q:batch", {"job": job_id})
+    record = wait_state(lb, job_id)
+    assert record["state"] == "failed" and record["error"]["code"] == "invalid_payload"
+    assert submit(lb) and wait_state(lb, submit(lb))["state"] == "succeeded"  # still working
+
+
+def test_queue_and_capacity_are_exported_to_prometheus(cluster: Cluster) -> None:
+    text = httpx.get(cluster.nodes[0].http + "/metrics").text
+    for name in (
+        'omnistream_cluster_queue_depth{class="batch"}',
+        'omnistream_cluster_queue_pending{class="interactive"}',
+        "omnistream_cluster_reclaims_total",
+        'omnistream_cluster_slots{kind="session",state="free"}',
+        'omnistream_cluster_slots{kind="job",state="used"}',
+        "omnistream_cluster_draining 0.0",
+    ):
+        assert name in text, name
+
+
+def test_redis_down_then_back(cluster: Cluster, lb: httpx.Client) -> None:
+    cluster.stop_redis()
+    try:
+        r = httpx.post(
+            cluster.nodes[0].http + "/v1/generate",
+            json={"task": "text2audio", "inputs": {"prompt": SHORT}, "async_run": True},
+            timeout=30,
+        )
+        assert r.status_code == 503 and r.json()["error"]["code"] == "cluster_unavailable"
+        assert httpx.get(cluster.nodes[0].http + "/healthz").status_code == 200
+    finally:
+        cluster.start_redis()
+    deadline = time.monotonic() + 20  # the nodes recover by themselves
+    while True:
+        r = lb.post(
+            "/v1/generate",
+            json={"task": "text2audio", "inputs": {"prompt": SHORT}, "async_run": True},
+        )
+        if r.status_code == 200:
+            break
+        assert time.monotonic() < deadline, r.text
+        time.sleep(0.2)
+    assert wait_state(lb, r.json()["id"])["state"] == "succeeded"
+
+
 # -- faults ----------------------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """Artifacts from any node: an internal route signed with the cluster secret.
 
 An output stays in the artifacts directory of the node that wrote it; Redis records which
-node that was. ``GET /v1/files/{id}`` on another node streams the file from the owner's
+node that was. ``GET /v1/files/{id}`` on another node streams the file from the holder's
 ``/internal/cluster/files/{id}``. That route answers only requests signed with
 ``OMNISTREAM_CLUSTER_SECRET`` (HMAC-SHA256 over a timestamp and the path, valid for
 :data:`SIGNATURE_WINDOW_S`), so nothing there is reachable without the secret; ids are
@@ -27,6 +27,7 @@ from omnistream.jobs.service import JobService
 from omnistream.transports.state import get_state
 
 AUTH_HEADER = "x-omnistream-cluster-auth"
+OWNER_HEADER = "x-omnistream-owner"
 SIGNATURE_WINDOW_S = 60.0
 INTERNAL_PREFIX = "/internal/cluster"
 FETCH_TIMEOUT_S = 30.0
@@ -35,22 +36,26 @@ PASSED_HEADERS = ("content-type", "content-length", "content-disposition", "last
 router = APIRouter()
 
 
-def sign(secret: str, path: str, now: float | None = None) -> str:
-    """The auth header value for an internal request to ``path``."""
+def _mac(secret: str, stamp: str, path: str, owner: str | None) -> str:
+    message = f"{stamp}\n{path}\n{owner or ''}".encode()
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def sign(secret: str, path: str, now: float | None = None, owner: str | None = None) -> str:
+    """The auth header value for an internal request to ``path`` on behalf of ``owner``
+    (``None``: an admin caller, who may see every owner's files)."""
     stamp = str(int(now if now is not None else time.time()))
-    mac = hmac.new(secret.encode(), f"{stamp}\n{path}".encode(), hashlib.sha256).hexdigest()
-    return f"{stamp}.{mac}"
+    return f"{stamp}.{_mac(secret, stamp, path, owner)}"
 
 
-def verify(secret: str | None, path: str, header: str | None) -> bool:
-    """Whether ``header`` signs ``path`` with ``secret`` recently enough."""
+def verify(secret: str | None, path: str, header: str | None, owner: str | None = None) -> bool:
+    """Whether ``header`` signs ``path`` (and ``owner``) with ``secret`` recently enough."""
     if not secret or not header or "." not in header:
         return False
     stamp, _, mac = header.partition(".")
     if not stamp.isdigit() or abs(time.time() - int(stamp)) > SIGNATURE_WINDOW_S:
         return False
-    expected = hmac.new(secret.encode(), f"{stamp}\n{path}".encode(), hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, mac)
+    return hmac.compare_digest(_mac(secret, stamp, path, owner), mac)
 
 
 def _unauthorized() -> JSONResponse:
@@ -72,10 +77,11 @@ async def internal_file(request: Request, file_id: str) -> Response:
     """Serve a local artifact to another node (401 without a valid signature)."""
     state = get_state(request)
     signature = request.headers.get(AUTH_HEADER)
-    if not verify(state.settings.cluster_secret, request.url.path, signature):
+    owner = request.headers.get(OWNER_HEADER)  # signed too: the caller's key's owner id
+    if not verify(state.settings.cluster_secret, request.url.path, signature, owner):
         return _unauthorized()
     service = JobService.of(state)
-    path = await asyncio.to_thread(service.artifacts.find, file_id)
+    path = await asyncio.to_thread(service.artifacts.find, file_id, owner)
     if path is None:
         return JSONResponse(
             {"error": {"code": "file_not_found", "message": f"No file with id '{file_id}'.",
@@ -115,39 +121,44 @@ class RemoteFiles:
         self.node_url = node_url
         self.client = httpx.AsyncClient(timeout=FETCH_TIMEOUT_S)
 
-    async def __call__(self, file_id: str) -> Response | None:
-        """A streaming response with the file, an error response, or ``None`` (404)."""
+    async def __call__(self, file_id: str, owner: str | None = None) -> Response | None:
+        """A streaming response with the file, an error response, or ``None`` (404).
+
+        ``owner``: the caller's owner id (``None`` for an admin); another owner's file
+        answers 404 on the node that holds it, exactly as it would locally.
+        """
         if not FILE_ID_RE.match(file_id):
             return None
-        owner = await self.file_node(file_id)
-        if owner is None or owner == self.node_id:
+        holder = await self.file_node(file_id)
+        if holder is None or holder == self.node_id:
             return None
-        url = await self.node_url(owner)
+        url = await self.node_url(holder)
         if url is None:
             return _error(
-                503, "file_unavailable", f"File '{file_id}' is on node {owner}, which is down."
+                503, "file_unavailable", f"File '{file_id}' is on node {holder}, which is down."
             )
         if not self.secret:
             return _error(
                 503,
                 "file_unavailable",
-                f"File '{file_id}' is on node {owner}; set OMNISTREAM_CLUSTER_SECRET on every "
+                f"File '{file_id}' is on node {holder}; set OMNISTREAM_CLUSTER_SECRET on every "
                 "node (or share artifacts_dir) to fetch it from here.",
             )
         path = f"{INTERNAL_PREFIX}/files/{file_id}"
-        request = self.client.build_request(
-            "GET", url.rstrip("/") + path, headers={AUTH_HEADER: sign(self.secret, path)}
-        )
+        headers = {AUTH_HEADER: sign(self.secret, path, owner=owner)}
+        if owner is not None:
+            headers[OWNER_HEADER] = owner
+        request = self.client.build_request("GET", url.rstrip("/") + path, headers=headers)
         try:
             upstream = await self.client.send(request, stream=True)
         except httpx.HTTPError as exc:
-            return _error(503, "file_unavailable", f"Node {owner} did not answer: {exc}")
+            return _error(503, "file_unavailable", f"Node {holder} did not answer: {exc}")
         if upstream.status_code != 200:
             await upstream.aclose()
             if upstream.status_code == 404:
                 return None
             return _error(
-                502, "file_unavailable", f"Node {owner} answered {upstream.status_code}."
+                502, "file_unavailable", f"Node {holder} answered {upstream.status_code}."
             )
         headers = {k: v for k, v in upstream.headers.items() if k.lower() in PASSED_HEADERS}
 

@@ -37,7 +37,11 @@ from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.responses import Response
 
 from omnistream.jobs.errors import GenerateError
@@ -68,6 +72,8 @@ MIRROR_POLL_S = 1.0
 WRITE_RETRY_S = 0.5
 CANCEL_WAIT_S = 2.0
 RETRY_AFTER_REDIS_S = 1.0
+HEALTH_CHECK_S = 2.0
+CONNECT_TIMEOUT_S = 3.0
 
 # -- Lua: every transition that must be atomic across nodes ------------------------------
 
@@ -208,6 +214,19 @@ class ClusterCounters:
     queue: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
+def connect(url: str, *, decode_responses: bool) -> aioredis.Redis:
+    """A client that survives a Redis restart: idle connections are checked before use
+    and a command that meets a dropped connection is retried on a fresh one."""
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=decode_responses,
+        health_check_interval=HEALTH_CHECK_S,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+    )
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
@@ -272,8 +291,8 @@ class RedisJobBackend:
         self.node_id = node_id
         self.prefix = prefix
         self.url = url
-        self.r: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True)
-        self.rb: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=False)
+        self.r: aioredis.Redis = connect(url, decode_responses=True)
+        self.rb: aioredis.Redis = connect(url, decode_responses=False)
         self.slots = settings.max_running_jobs
         self.lease_ms = int(settings.cluster_lease_s * 1000)
         self.max_deliveries = settings.cluster_max_deliveries
@@ -281,7 +300,7 @@ class RedisJobBackend:
         self.max_jobs = settings.max_jobs
         self.counters = ClusterCounters()
         self.draining = False
-        self.file_fetcher: Callable[[str], Awaitable[Response | None]] | None = None
+        self.file_fetcher: Callable[[str, str | None], Awaitable[Response | None]] | None = None
         self._claims: dict[str, Claim] = {}
         self._running_sem = asyncio.Semaphore(self.slots)
         self._slot_freed = asyncio.Event()
@@ -400,7 +419,7 @@ class RedisJobBackend:
             mode=job.mode,
             cls=cls,
             attempt="0",
-            owner=str(getattr(job, "owner", None) or ""),
+            owner=job.owner or "",
         )
         try:
             pipe = self.rb.pipeline(transaction=True)
@@ -523,11 +542,11 @@ class RedisJobBackend:
             await asyncio.wait_for(asyncio.shield(job.done.wait()), CANCEL_WAIT_S)
         return job
 
-    async def file_response(self, file_id: str) -> Response | None:
+    async def file_response(self, file_id: str, owner: str | None = None) -> Response | None:
         """An artifact another node wrote, streamed from it (see :mod:`.files`)."""
         if self.file_fetcher is None:
             return None
-        return await self.file_fetcher(file_id)
+        return await self.file_fetcher(file_id, owner)
 
     async def file_node(self, file_id: str) -> str | None:
         """The node that wrote an artifact (``None`` when unknown or expired)."""
@@ -566,9 +585,7 @@ class RedisJobBackend:
         job = Job(request, row.get("model", ""), mode=row.get("mode", "async"))
         job.id = job_id
         job.trace_id = row.get("trace_id", job.trace_id)
-        if row.get("owner"):
-            with contextlib.suppress(AttributeError):
-                job.owner = row["owner"]
+        job.owner = row.get("owner") or job.owner
         job.enqueued_at_ms = float(row.get("enqueued_at_ms") or now_ms())
         self._apply(job, row)
         for event in events:
@@ -822,7 +839,6 @@ class RedisJobBackend:
         await writer.flush()
         if claim.released or writer.fenced:
             return
-        await self._record_files(job)
         await self._finish(
             keys=[
                 self.k_job(job.id),
@@ -868,18 +884,6 @@ class RedisJobBackend:
             )
         return uploads
 
-    async def _record_files(self, job: Job) -> None:
-        """Remember which node holds each artifact, for ``GET /v1/files`` elsewhere."""
-        if job.result is None:
-            return
-        ttl = int(max(1.0, self.service.artifacts.ttl_s))
-        pipe = self.r.pipeline(transaction=False)
-        for artifact in job.result.outputs:
-            if artifact.id:
-                pipe.set(self.k_file(artifact.id), self.node_id, ex=ttl)
-        with contextlib.suppress(RedisError):
-            await pipe.execute()
-
     async def write(self, job: Job, lease: str, events: list[JobEvent]) -> bool:
         """Append events and the current record, if this run still holds the lease."""
         args: list[Any] = [lease, self.ch_events, job.id, len(events)]
@@ -891,8 +895,18 @@ class RedisJobBackend:
         args.append(len(fields))
         for name, value in fields.items():
             args.extend([name, value])
-        result = await self._write(keys=[self.k_job(job.id), self.k_events(job.id)], args=args)
-        return bool(result)
+        keys = [self.k_job(job.id), self.k_events(job.id)]
+        files = [a.id for a in job.result.outputs if a.id] if job.result is not None else []
+        if not files or not any(e.event in TERMINAL_EVENTS for e in events):
+            return bool(await self._write(keys=keys, args=args))
+        # Where the outputs are is known before anyone sees the job finished.
+        ttl = int(max(1.0, self.service.artifacts.ttl_s))
+        pipe = self.r.pipeline(transaction=True)
+        for file_id in files:
+            pipe.set(self.k_file(file_id), self.node_id, ex=ttl)
+        await self._write(keys=keys, args=args, client=pipe)
+        results = await pipe.execute()
+        return bool(results[-1])
 
     # -- leases ----------------------------------------------------------------------
 

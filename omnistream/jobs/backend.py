@@ -47,8 +47,12 @@ class JobBackend(Protocol):
     async def cancel(self, job: Job) -> Job:
         """Stop a job that has not finished; returns it (terminal, or still stopping)."""
 
-    async def file_response(self, file_id: str) -> Response | None:
-        """An artifact this process does not hold, fetched from where it is (or ``None``)."""
+    async def file_response(self, file_id: str, owner: str | None = None) -> Response | None:
+        """An artifact this process does not hold, fetched from where it is (or ``None``).
+
+        ``owner``: the caller's owner id (``None`` for an admin): another owner's file is
+        ``None`` (404), as it is locally.
+        """
 
     async def aclose(self) -> None:
         """Stop background work (server shutdown)."""
@@ -85,7 +89,7 @@ class LocalJobBackend:
         """Cancel in this process (waits until the job has stopped)."""
         return await self.service.cancel_local(job)
 
-    async def file_response(self, file_id: str) -> Response | None:
+    async def file_response(self, file_id: str, owner: str | None = None) -> Response | None:
         """Every artifact lives in this process's directory: nothing to fetch."""
         return None
 
