@@ -388,7 +388,7 @@ async def get_file(request: Request, file_id: str) -> Response:
     owner = None if caller.is_admin else caller.owner
     path = await asyncio.to_thread(service.artifacts.find, file_id, owner)
     if path is None:
-        remote = await service.backend.file_response(file_id)  # held by another node
+        remote = await service.backend.file_response(file_id, owner)  # on another node
         if remote is not None:
             return remote
         return error_response(
