@@ -106,7 +106,9 @@ def direct(rounds: int) -> dict[str, Any]:
                     t0 = time.thread_time()
                     for part in result.partial:
                         static = splices.get(part.static.key, part.static.image, QUALITY)
-                        sizes["new"].append(len(static.splice(part.rows, part.y0)))
+                        sizes["new"].append(
+                            len(static.splice(part.rows, part.y0, part.x0, part.x1))
+                        )
                     encode_s += time.thread_time() - t0
                     whole = [p.full() for p in result.partial]
                     t0 = time.thread_time()

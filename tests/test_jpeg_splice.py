@@ -59,7 +59,7 @@ def test_spliced_frames_are_the_unspliced_encoding(reference: np.ndarray, qualit
     static = StaticJpeg(reference, quality)
     for seed in range(3):
         frame = talking(reference, seed)
-        spliced = static.splice(np.ascontiguousarray(frame[96:256]), 96)
+        spliced = static.splice(np.ascontiguousarray(frame[96:256]), 96, 120, 300)
         # Byte for byte what encoding the whole frame (with restarts) gives…
         assert spliced == encode_with_restarts(frame, quality)
         # …which every decoder reads as an ordinary JPEG, close to the plain encoding.
@@ -70,16 +70,19 @@ def test_spliced_frames_are_the_unspliced_encoding(reference: np.ndarray, qualit
             assert mean_abs(decoded, plain) < 2.0, name
 
 
-def test_odd_sizes_and_a_band_at_the_bottom() -> None:
-    rng = np.random.default_rng(1)
-    frame = rng.integers(0, 255, (250, 410, 3), dtype=np.uint8)  # not multiples of 16
+@pytest.mark.parametrize("width", [410, 416, 200])
+def test_odd_sizes_and_a_region_at_the_corner(width: int) -> None:
+    yy, xx = np.mgrid[0:250, 0:width]  # a height that is not whole MCU rows
+    frame = np.stack([xx * 255 // width, yy, (xx + yy) % 200], axis=2).astype(np.uint8)
     static = StaticJpeg(frame, 70)
     changed = frame.copy()
-    changed[230:] = 255 - changed[230:]
-    spliced = static.splice(np.ascontiguousarray(changed[224:]), 224)
+    changed[230:, 150:] = 255 - changed[230:, 150:]
+    spliced = static.splice(np.ascontiguousarray(changed[224:]), 224, 150, width)
     assert spliced == encode_with_restarts(changed, 70)
-    for decoded in decoders(spliced).values():
-        assert decoded.shape == (250, 410, 3)
+    decoded = decoders(spliced)
+    for image in decoded.values():
+        assert image.shape == (250, width, 3)
+        assert mean_abs(image, decoded["pillow"]) < 2.0
 
 
 def test_misaligned_bands_are_refused(reference: np.ndarray) -> None:

@@ -2,11 +2,13 @@
 
 A talking head changes the face and nothing else, so most rows of 8×8 (16×16 with 4:2:0
 chroma) blocks are the same in every frame of a session. Baseline JPEG lets us reuse them:
-with a restart interval of one MCU row (a ``DRI`` marker in the header) every MCU row is
-its own entropy-coded segment, ending in ``RSTn`` (n = row mod 8), and the DC predictors
-reset at each restart, so a row's bytes depend on that row's pixels only. We encode the
-static frame once, encode each new frame's changed band of rows on its own (same encoder,
-quality, tables and restart interval), and join header, rows and markers. The result is an
+with a restart interval (a ``DRI`` marker in the header) every run of a few MCUs is its
+own entropy-coded segment, ending in ``RSTn`` (n = segment number mod 8), and the DC
+predictors reset at each restart, so a segment's bytes depend on its own pixels only.
+With an interval that divides an MCU row, segments form a grid over the frame. We encode
+the static frame once, encode each new frame's changed region (whole segments of the
+changed rows) on its own with the same encoder, quality, tables and interval, and join
+header, segments and markers. The result is an
 ordinary baseline JPEG that any decoder reads (tests decode it with Pillow, PyAV/FFmpeg
 and libjpeg-turbo) and is byte-identical to encoding the whole frame with restarts, which
 :func:`encode_with_restarts` does and tests use as the oracle.
@@ -65,13 +67,24 @@ def mcus_per_row(width: int) -> int:
     return -(-width // 16)
 
 
-def encode_with_restarts(rgb: Frame, quality: int) -> bytes:
-    """Encode a whole frame with a restart marker after every MCU row (the oracle)."""
-    return _encode(rgb, quality, mcus_per_row(rgb.shape[1]))
+def restart_interval(width: int) -> int:
+    """MCUs per restart segment for frames of this width.
+
+    Two MCUs (32 pixels) when a row holds an even number of them, so a changed region
+    is re-encoded only over its own columns at the cost of one marker per 32 pixels
+    (about 5 % of a frame's bytes); otherwise one segment per row.
+    """
+    mcus = mcus_per_row(width)
+    return 2 if mcus % 2 == 0 and mcus >= 4 else mcus
+
+
+def encode_with_restarts(rgb: Frame, quality: int, restart: int | None = None) -> bytes:
+    """Encode a whole frame with restart markers as spliced frames have them (the oracle)."""
+    return _encode(rgb, quality, restart or restart_interval(rgb.shape[1]))
 
 
 def _split(data: bytes) -> tuple[bytes, bytes, list[bytes]]:
-    """Header up to the scan data, the header without its SOF segment, and the rows."""
+    """Header up to the scan data, the header without its SOF segment, and the segments."""
     pos = 2  # after SOI
     sof_start = sof_end = -1
     while pos + 4 <= len(data):
@@ -96,24 +109,63 @@ def _split(data: bytes) -> tuple[bytes, bytes, list[bytes]]:
 
 
 class StaticJpeg:
-    """One static frame's encoding, split into MCU rows, ready to take changed bands."""
+    """One static frame's encoding, split into restart segments, ready to take changes.
 
-    def __init__(self, frame: Frame, quality: int) -> None:
+    The frame is a grid of segments: ``row_count`` MCU rows of ``segments_per_row``
+    segments, each ``restart`` MCUs (``restart * 16`` pixels) wide.
+    """
+
+    def __init__(self, frame: Frame, quality: int, restart: int | None = None) -> None:
         self.height, self.width = frame.shape[:2]
         self.quality = quality
-        self.restart_mcus = mcus_per_row(self.width)
-        self.header, self._tables, self.rows = _split(_encode(frame, quality, self.restart_mcus))
+        mcus = mcus_per_row(self.width)
+        self.restart = restart or restart_interval(self.width)
+        if mcus % self.restart:
+            raise SpliceError("the restart interval must divide an MCU row")
+        self.segments_per_row = mcus // self.restart
+        self.segment_px = self.restart * 16
+        self.header, self._tables, segments = _split(_encode(frame, quality, self.restart))
         self.row_count = -(-self.height // MCU_ROWS)
-        if len(self.rows) != self.row_count:
-            raise SpliceError(f"expected {self.row_count} MCU rows, found {len(self.rows)}")
-        self._markers = [bytes([0xFF, 0xD0 + (i % 8)]) for i in range(self.row_count)]
+        if len(segments) != self.row_count * self.segments_per_row:
+            raise SpliceError(f"expected {self.row_count} MCU rows, found another layout")
+        self._segments = segments
+        total = len(segments)
+        self._markers = [
+            bytes([0xFF, 0xD0 + (k % 8)]) if k < total - 1 else _EOI for k in range(total)
+        ]
+        # Each MCU row with its markers, joined once: unchanged rows cost one reference.
+        spr = self.segments_per_row
+        self._rows = [
+            b"".join(
+                x for k in range(i * spr, (i + 1) * spr) for x in (segments[k], self._markers[k])
+            )
+            for i in range(self.row_count)
+        ]
+        self._sides: dict[tuple[int, int], tuple[list[bytes], list[bytes]]] = {}
         self._checked = False
 
-    def splice(self, band: Frame, y0: int) -> bytes:
-        """The whole frame's JPEG: ``band`` replaces rows ``y0 … y0 + len(band)``.
+    def _row_sides(self, s0: int, s1: int) -> tuple[list[bytes], list[bytes]]:
+        """Per MCU row, the joined static segments left of ``s0`` and from ``s1`` on."""
+        sides = self._sides.get((s0, s1))
+        if sides is None:
+            spr, seg, mk = self.segments_per_row, self._segments, self._markers
 
-        ``y0`` must sit on an MCU row (a multiple of 16) and the band must end on one or
-        at the bottom of the frame, so that it covers whole MCU rows.
+            def joined(i: int, a: int, b: int) -> bytes:
+                return b"".join(x for k in range(i * spr + a, i * spr + b) for x in (seg[k], mk[k]))
+
+            sides = (
+                [joined(i, 0, s0) for i in range(self.row_count)],
+                [joined(i, s1, spr) for i in range(self.row_count)],
+            )
+            self._sides[(s0, s1)] = sides
+        return sides
+
+    def splice(self, band: Frame, y0: int, x0: int = 0, x1: int | None = None) -> bytes:
+        """The whole frame's JPEG where ``band`` replaces rows ``y0 … y0 + len(band)``.
+
+        ``band`` is given in full width; only its columns ``x0 … x1`` (widened to whole
+        restart segments) differ from the static frame and are encoded. ``y0`` must sit
+        on an MCU row (a multiple of 16) and the band end on one or at the bottom.
 
         Raises:
             SpliceError: a misaligned or mis-sized band.
@@ -123,22 +175,34 @@ class StaticJpeg:
             raise SpliceError(f"band {w}x{h} at row {y0} does not fit {self.width}x{self.height}")
         if h % MCU_ROWS and y0 + h != self.height:
             raise SpliceError("a band must end on an MCU row or at the bottom of the frame")
-        _, tables, rows = _split(_encode(band, self.quality, self.restart_mcus))
+        right = self.width if x1 is None else x1
+        if not 0 <= x0 < right <= self.width:
+            raise SpliceError(f"columns {x0}..{right} outside the frame")
+        s0 = x0 // self.segment_px
+        s1 = min(self.segments_per_row, -(-right // self.segment_px))
+        region = band[:, s0 * self.segment_px : min(self.width, s1 * self.segment_px)]
+        _, tables, segments = _split(_encode(region, self.quality, self.restart))
         if not self._checked:
             # Same encoder and quality give the same tables; check once, not per frame.
             if tables != self._tables:
                 raise SpliceError("the band was encoded with other tables")
             self._checked = True
-        first = y0 // MCU_ROWS
-        if len(rows) != -(-h // MCU_ROWS):
-            raise SpliceError("band row count mismatch")
-        parts = [self.header]
-        markers = self._markers
-        last = self.row_count - 1
-        for i in range(self.row_count):
-            k = i - first
-            parts.append(rows[k] if 0 <= k < len(rows) else self.rows[i])
-            parts.append(markers[i] if i < last else _EOI)
+        first, rows = y0 // MCU_ROWS, -(-h // MCU_ROWS)
+        across = s1 - s0
+        if len(segments) != rows * across:
+            raise SpliceError("band segment count mismatch")
+        left, right_side = self._row_sides(s0, s1)
+        spr, mk = self.segments_per_row, self._markers
+        parts = [self.header, *self._rows[:first]]
+        for r in range(rows):
+            i = first + r
+            parts.append(left[i])
+            base = i * spr + s0
+            for j in range(across):
+                parts.append(segments[r * across + j])
+                parts.append(mk[base + j])
+            parts.append(right_side[i])
+        parts.extend(self._rows[first + rows :])
         return b"".join(parts)
 
 

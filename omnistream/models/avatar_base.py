@@ -44,13 +44,16 @@ class StaticFrame:
 class PartialFrame:
     """A frame equal to ``static`` except rows ``y0 … y0 + len(rows)``, given in full width.
 
-    Models whose frames change only in one band (a face on a still photo) return these
-    when the request allows it, so the encoder compresses only the band's rows.
+    Models whose frames change only in one region (a face on a still photo) return these
+    when the request allows it, so the encoder compresses only that region. Within the
+    rows, only columns ``x0 … x1`` differ from ``static`` (``x1`` None: to the right edge).
     """
 
     static: StaticFrame
     y0: int
     rows: RGBFrame
+    x0: int = 0
+    x1: int | None = None
 
     def full(self) -> RGBFrame:
         """The whole frame (a copy of the static frame with the band written in)."""

@@ -709,7 +709,9 @@ class AvatarLite(AvatarModel):
         frames: list[RGBFrame] = []
         for i, pose in enumerate(self.poses(chunk, state, avatar)):
             band = draw_band(avatar, pose)
-            part = PartialFrame(static=avatar.static, y0=avatar.y0, rows=band)
+            part = PartialFrame(
+                static=avatar.static, y0=avatar.y0, rows=band, x0=avatar.x0, x1=avatar.x1
+            )
             if chunk.partial_ok:
                 if chunk.on_partial is not None:
                     chunk.on_partial(i, part)
@@ -930,8 +932,10 @@ def _paint_cavity(
     parts = [w_cavity[..., None] * a.cavity_colour, w_tongue[..., None] * a.tongue_colour]
     # Upper teeth under the upper lip where the photo shows none (where it does, the
     # photo's own teeth stay above the seam and the gap opens below them).
-    synthetic = (1.0 - a.teeth_shown[c0:c1]) * np.sqrt(prof) * np.minimum(
-        np.maximum((h - 2.5) * 0.25, 0.0), 1.0
+    synthetic = (
+        (1.0 - a.teeth_shown[c0:c1])
+        * np.sqrt(prof)
+        * np.minimum(np.maximum((h - 2.5) * 0.25, 0.0), 1.0)
     )
     if float(synthetic.max()) > 0.01:
         teeth_h = np.maximum(np.minimum(h * 0.4, a.face_h * 0.04), 1e-3)

@@ -584,7 +584,7 @@ class AvatarService:
         quality = self.jpeg.quality
         try:
             static = self._splices.get(frame.static.key, frame.static.image, quality)
-            return static.splice(frame.rows, frame.y0)
+            return static.splice(frame.rows, frame.y0, frame.x0, frame.x1)
         except SpliceError:
             log.warning("JPEG splice refused; encoding the whole frame", exc_info=True)
             return self._encode_fn(frame.full(), quality)
