@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--step", type=int, default=3)
     ap.add_argument("--cols", type=int, default=8)
     ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--colors", type=int, default=0, help="palette PNG with this many colours")
     args = ap.parse_args()
     if args.model == "v1":
         from omnistream.models.avatar_lite_v1 import AvatarLite as Model
@@ -91,7 +92,12 @@ def main() -> None:
     if args.scale != 1.0:
         strip = cv2.resize(strip, None, fx=args.scale, fy=args.scale, interpolation=cv2.INTER_AREA)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(args.out, cv2.cvtColor(strip, cv2.COLOR_RGB2BGR))
+    if args.colors:
+        from PIL import Image
+
+        Image.fromarray(strip).quantize(args.colors).save(args.out, optimize=True)
+    else:
+        cv2.imwrite(args.out, cv2.cvtColor(strip, cv2.COLOR_RGB2BGR))
     print(args.out, strip.shape, prepared.info if hasattr(prepared, "info") else "")
 
 
