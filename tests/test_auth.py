@@ -25,7 +25,7 @@ import pytest
 import websockets
 from starlette.routing import Mount, Route, WebSocketRoute
 
-from omnistream.auth.policy import EXEMPT_PATHS
+from omnistream.auth.policy import EXEMPT_PATHS, KEY_OPTIONAL_PATHS, SIGNED_PATHS
 from omnistream.cli import main as cli_main
 from tests.avatar_client import ref_image_b64, speech_like
 from tests.server import RunningServer, free_port, run_server
@@ -134,6 +134,15 @@ def test_every_route_and_socket_refuses_without_a_key(srv: RunningServer) -> Non
                 r = client.request(kind, path)
                 assert r.status_code < 400, f"{kind} {path} is exempt"
                 continue
+            elif SIGNED_PATHS.match(path):
+                # The URL's signature is the credential: unsigned is refused, key or not.
+                for headers in ({}, _bearer(ALICE)):
+                    r = client.request(kind, path, headers=headers)
+                    assert r.status_code == 403, f"{kind} {path} answered {r.status_code} unsigned"
+            elif KEY_OPTIONAL_PATHS.match(path):
+                assert client.request(kind, path).status_code < 400, f"{path} is public"
+                wrong = client.request(kind, path, headers=_bearer("not-a-key-123456"))
+                assert wrong.status_code == 401
             else:
                 r = client.request(kind, path)
                 assert r.status_code == 401, f"{kind} {path} answered {r.status_code} without a key"
