@@ -52,7 +52,10 @@ ADAPTER_PATHS: dict[str, tuple[str, ...]] = {
     "batch-generate.v1": ("/v1/generate", "/v1/jobs/", "/v1/files/"),
 }
 
-ModelState = Literal["pending", "loading", "warming", "ready", "degraded", "unavailable", "failed"]
+#: ``on_demand``: neither preloaded nor warmed; it loads on first use like any model.
+ModelState = Literal[
+    "pending", "loading", "warming", "ready", "on_demand", "degraded", "unavailable", "failed"
+]
 
 
 def adapter_serves(adapter: str, path: str) -> bool:
@@ -324,7 +327,7 @@ class ProfileRuntime:
         steps = status.plan.warmup
         if not (status.plan.preload or steps):
             if status.state == "pending":
-                status.state = "ready"  # loads on first use, like any model
+                status.state = "on_demand"
             return
         degraded = status.state == "degraded"
         status.state = "loading"
