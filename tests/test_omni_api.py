@@ -226,11 +226,17 @@ def test_avatar_task_end_to_end(srv: RunningServer, client: httpx.Client, root: 
 
 def test_queue_position_counts_down(client: httpx.Client) -> None:
     # One job slot: a long avatar render holds it while three speech tasks wait.
-    blocker = _audio_task(client)
+    blocker = _audio_task(client, width=256, height=320, fps=25)
     r = httpx.put(blocker["uploads"][0]["upload_url"], content=tone(40.0),
                   headers={"Content-Type": "audio/wav"})
     assert r.status_code == 200, r.text
     poll(client, blocker["portal_task_id"], bearer("alice"), until=("running",))
+    deadline = time.monotonic() + 30
+    while (progress := client.get(f"/api/omni/tasks/{blocker['portal_task_id']}",
+                                  headers=bearer("alice")).json()["progress"]) is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert progress["stage"] == "render" and 0 < progress["fraction"] < 1
     waiting = []
     for index in range(3):
         r = _create(client, "alice", {"model_group": "omni-tts", "task_type": "text_to_speech",
