@@ -437,6 +437,8 @@ class ProfileRuntime:
                     "warmup_ms": status.warmup_ms,
                     "warmup": status.warmup_done,
                     "config": plan.config,
+                    "resources": dict(status.entry.resources),
+                    "extra": dict(status.entry.model_extra or {}),  # unknown fields, kept
                 }
             )
         return {
@@ -448,6 +450,7 @@ class ProfileRuntime:
             "ready_after_ms": self.ready_after_ms,
             "environment": sorted(self.profile.env()),
             "defaults": self.profile.defaults.model_dump(),
+            "extra": dict(self.profile.model_extra or {}),  # unknown fields, kept
             "listeners": {
                 str(port): {"service": adapter, "model": model}
                 for port, (adapter, model) in sorted(self.listeners.items())
