@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 
 import av
 import numpy as np
@@ -21,8 +22,8 @@ from omnistream.codecs.jpeg_splice import (
     encode_with_restarts,
 )
 from omnistream.sessions.avatar import default_avatar_bytes
-from tests.avatar_client import connect, flashtalk_init, speech_like
-from tests.server import RunningServer
+from tests.avatar_client import connect, flashtalk_init, recv_json, speech_like
+from tests.server import RunningServer, run_server
 
 
 def decoders(data: bytes) -> dict[str, np.ndarray]:
@@ -122,3 +123,31 @@ async def test_avatar_frames_from_the_server_decode_everywhere(server: RunningSe
     assert len(bottoms) == 1
     faces = [f["libjpeg-turbo"][150:260, 150:270].astype(np.float32) for f in decoded]
     assert max(float(np.abs(f - faces[0]).mean()) for f in faces) > 1.0
+
+
+@pytest.mark.parametrize("model", ["omni-avatar-lite", "omni-avatar-lite-v1"])
+async def test_whole_frame_encoding_when_splicing_is_off(model: str) -> None:
+    # The simple path (and the old renderer, kept for comparison) still serve frames.
+    with run_server(jpeg_splice=False) as srv:
+        async with await connect(srv.ws + "/v1/avatar/realtime") as ws:
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "session.create",
+                        "model": model,
+                        "inputs": {},
+                        "config": {"width": 256, "height": 384, "chunk_samples": 3200},
+                    }
+                )
+            )
+            created = await recv_json(ws)
+            assert created["type"] == "session.created", created
+            await ws.send(b"AUDI" + speech_like(3200, seed=1))
+            event = await recv_json(ws)
+            assert event["type"] == "metrics"
+            reply = await asyncio.wait_for(ws.recv(), 30)
+    jpegs = decode_video(reply)
+    assert len(jpegs) == 5
+    for jpeg in jpegs:
+        assert b"\xff\xdd" not in jpeg[:1000]  # no restart interval: encoded whole
+        assert decoders(jpeg)["pillow"].shape == (384, 256, 3)
