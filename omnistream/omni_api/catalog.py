@@ -16,6 +16,7 @@ a YAML file (``--omni-groups FILE``); see :func:`load_groups`.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,6 +163,10 @@ AUDIO_TYPES: tuple[str, ...] = (
 )
 
 
+#: Generated JSON Schemas by (task type, "input" | "output"); read-only once made.
+_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {}
+
+
 @dataclass(frozen=True)
 class FileField:
     """A file a task type takes through an upload slot."""
@@ -199,17 +204,23 @@ class TaskType:
         return next((f for f in self.files if f.field == name), None)
 
     def input_schema(self) -> dict[str, Any]:
-        """JSON Schema of ``input``."""
-        schema = self.input_model.model_json_schema()
-        schema["title"] = f"{self.name} input"
-        return schema
+        """JSON Schema of ``input`` (made once: generating it costs milliseconds)."""
+        key = (self.name, "input")
+        if key not in _SCHEMAS:
+            schema = self.input_model.model_json_schema()
+            schema["title"] = f"{self.name} input"
+            _SCHEMAS[key] = schema
+        return _SCHEMAS[key]
 
     def output_schema(self) -> dict[str, Any]:
-        """JSON Schema of one item of ``outputs``."""
-        schema = OmniOutput.model_json_schema()
-        schema["title"] = f"{self.name} output"
-        schema["properties"]["kind"] = {"const": self.output_kind, "type": "string"}
-        return schema
+        """JSON Schema of one item of ``outputs`` (made once)."""
+        key = (self.name, "output")
+        if key not in _SCHEMAS:
+            schema = OmniOutput.model_json_schema()
+            schema["title"] = f"{self.name} output"
+            schema["properties"]["kind"] = {"const": self.output_kind, "type": "string"}
+            _SCHEMAS[key] = schema
+        return _SCHEMAS[key]
 
     def validate(self, raw: Any) -> dict[str, Any]:
         """``input`` checked against the schema; returns the job's inputs.
@@ -331,6 +342,9 @@ DEFAULT_GROUPS: tuple[GroupDef, ...] = (
     GroupDef("omni-tts", "Omni TTS", "Text to speech.", {"text_to_speech": None}),
     GroupDef("omni-stt", "Omni STT", "Speech to text.", {"speech_to_text": None}),
 )
+
+#: How long a model's availability check is trusted before it runs again.
+REASON_TTL_S = 5.0
 
 _GROUP_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _GROUP_FIELDS = frozenset({"id", "replaces", "title", "summary", "task_types", "hidden"})
@@ -527,6 +541,18 @@ class Catalog:
         self.registry = registry
         self.preferred = dict(preferred)
         self.runnable = frozenset(runnable)
+        self._reasons: dict[str, tuple[float, str | None]] = {}
+
+    def _reason(self, spec: ModelSpec) -> str | None:
+        """Why a model cannot load here, remembered for a few seconds: the checks look
+        for packages and files, and the catalog is asked on the event loop."""
+        now = time.monotonic()
+        known = self._reasons.get(spec.id)
+        if known is not None and now - known[0] < REASON_TTL_S:
+            return known[1]
+        reason = spec.unavailable_reason()
+        self._reasons[spec.id] = (now, reason)
+        return reason
 
     def _candidates(self, job_task: str, only: tuple[str, ...] | None) -> list[ModelSpec]:
         specs = self.registry.specs(job_task)
@@ -565,7 +591,7 @@ class Catalog:
                 continue
             ready: list[str] = []
             for spec in candidates:
-                why = spec.unavailable_reason()
+                why = self._reason(spec)
                 if why is None:
                     ready.append(spec.id)
                 else:

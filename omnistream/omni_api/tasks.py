@@ -22,7 +22,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -410,9 +410,7 @@ class TaskService:
             return
         task.status = "queued"
         task.queued_at = job.enqueued_at_ms / 1000.0
-        watcher = asyncio.create_task(self._watch(task, job), name=f"omni-{task.id}")
-        self._watchers.add(watcher)
-        watcher.add_done_callback(self._watchers.discard)
+        self._background(self._watch(task, job), f"omni-{task.id}")
 
     async def _watch(self, task: OmniTask, job: Job) -> None:
         """Record the outcome as soon as the job ends (retention and quotas read it)."""
@@ -523,8 +521,19 @@ class TaskService:
         slot.state = "filled"
         slot.size = len(data)
         if all(s.state == "filled" for s in task.slots.values()):
-            await self._start_uploaded(task)
+            # The client's PUT is done once its bytes are stored: decoding and queueing
+            # run on, and a problem with the file fails the task (seen when polling).
+            task.status = "queued"
+            if task.timer is not None:
+                task.timer.cancel()
+                task.timer = None
+            self._background(self._start_uploaded(task), f"omni-submit-{task.id}")
         return task
+
+    def _background(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        runner = asyncio.create_task(work, name=name)
+        self._watchers.add(runner)
+        runner.add_done_callback(self._watchers.discard)
 
     @staticmethod
     async def _read(body: AsyncIterator[bytes], field_name: str, limit: int) -> bytes:
@@ -541,9 +550,6 @@ class TaskService:
 
     async def _start_uploaded(self, task: OmniTask) -> None:
         """Every slot is filled: submit the job with the files (or fail the task)."""
-        if task.timer is not None:
-            task.timer.cancel()
-            task.timer = None
         fields = list(task.slots)
 
         def read_all() -> dict[str, Upload]:
@@ -556,10 +562,16 @@ class TaskService:
 
         try:
             uploads = await asyncio.to_thread(read_all)
-            task.status = "queued"  # no second submit while this one runs
+            if task.terminal:  # cancelled meanwhile
+                return
             await self._submit(task, uploads)
         except OmniError as exc:
-            task.fail(exc.code, exc.message)
+            if not task.terminal:
+                task.fail(exc.code, exc.message)
+        except Exception as exc:  # the spool vanished, a bug: the task must still end
+            log.exception("task %s could not be submitted", task.id)
+            if not task.terminal:
+                task.fail("runtime_error", f"The task could not be started ({type(exc).__name__}).")
         finally:
             await asyncio.to_thread(self.spool.discard, task.id, fields)
 
