@@ -18,7 +18,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OMNISTREAM_", extra="ignore")
 
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(8000, ge=1, le=65535)
     log_level: str = "info"
 
     # Models and tiers
@@ -106,6 +106,12 @@ class Settings(BaseSettings):
     tts_model_aliases: list[str] = Field(
         default_factory=lambda: ["default", "tts-1", "tts-1-hd", "gpt-4o-mini-tts"],
         description="Model names (OpenAI's included) that mean the default TTS model.",
+    )
+    voice_aliases: dict[str, str] = Field(
+        default_factory=dict,
+        description="Voice names clients send mapped to a voice of the model, e.g. "
+        '{"local-default": "heart"} (OpenTalking\'s OmniRT TTS client); an empty value '
+        "or 'default' means the model's default voice",
     )
     tts_replicas: int = Field(0, ge=0, description="hibari runner threads; 0 = cores")
     tts_chunk_ms: int = Field(20, ge=20, le=40, description="PCM chunk length sent to clients")
@@ -234,6 +240,12 @@ class Settings(BaseSettings):
     diffusion_max_images: int = Field(8, ge=1, description="Most images one request makes (n)")
     diffusion_max_frames: int = Field(128, ge=1, description="Most frames one video request makes")
     diffusion_max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt accepted")
+    diffusion_cpu_threads: int = Field(
+        1,
+        ge=0,
+        description="torch threads one diffusion call uses on CPU (0 = torch's default); "
+        "batching across requests gives the throughput, the other cores stay with live sessions",
+    )
     diffusion_thread_nice: int = Field(
         10, ge=0, le=19, description="Niceness of diffusion threads: live sessions' come first"
     )

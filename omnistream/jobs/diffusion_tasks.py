@@ -238,7 +238,8 @@ def prepare_diffusion(
     image = _image("image", request, uploads, limits)
     if task in NEEDS_IMAGE and image is None:
         raise GenerateError(400, "missing_input", f"Input 'image' is required for {task}.")
-    default_w = default_h = DEFAULT_SIZE
+    # The default square fits the server's pixel cap (a small cap means small defaults).
+    default_w = default_h = min(DEFAULT_SIZE, int(max_pixels**0.5) // SIZE_MULTIPLE * SIZE_MULTIPLE)
     if image is not None and task in NEEDS_IMAGE:
         # The input's size, rounded down to the multiple the VAE needs, within the cap.
         h, w = image.shape[:2]

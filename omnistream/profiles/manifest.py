@@ -49,6 +49,12 @@ ROUTES: dict[str, list[str]] = {
         "POST /v1/generate",
     ],
     "audio2text": ["POST /v1/audio/transcriptions", "POST /v1/generate"],
+    "text2image": ["POST /v1/images/generations", "POST /v1/generate"],
+    "image2image": ["POST /v1/images/edits", "POST /v1/generate"],
+    "inpaint": ["POST /v1/images/edits", "POST /v1/generate"],
+    "edit": ["POST /v1/images/edits", "POST /v1/generate"],
+    "text2video": ["POST /v1/videos", "POST /v1/videos/generations", "POST /v1/generate"],
+    "image2video": ["POST /v1/videos", "POST /v1/videos/generations", "POST /v1/generate"],
 }
 
 _AVATAR_CONFIG: dict[str, Any] = {
@@ -105,6 +111,8 @@ def _config(spec: ModelSpec, task: str) -> tuple[dict[str, Any], dict[str, Any]]
             {"language": {"type": "string", "values": languages}},
             {"language": languages[0] if languages else None},
         )
+    if "config_schema" in caps:  # models that describe their own keys (diffusion)
+        return dict(caps["config_schema"]), dict(caps.get("default_config") or {})
     return {}, {}
 
 

@@ -38,6 +38,33 @@ def missing_packages() -> str | None:
     return None
 
 
+def _config_schema(video: bool, settings: Any) -> dict[str, Any]:
+    """The config keys a diffusion request takes (for the capability manifest)."""
+    schema: dict[str, Any] = {
+        "width": {"type": "integer", "multiple_of": 8},
+        "height": {"type": "integer", "multiple_of": 8},
+        "num_inference_steps": {
+            "type": "integer", "max": getattr(settings, "diffusion_max_steps", 100)
+        },
+        "guidance_scale": {"type": "number"},
+        "negative_prompt": {"type": "string"},
+        "seed": {"type": "integer", "note": "same seed and request: identical pixels"},
+        "scheduler": {"type": "string", "note": "a diffusers scheduler class the pipeline takes"},
+        "preset": {"type": "string", "values": ["fast", "balanced", "quality"]},
+        "dtype": {"type": "string", "values": ["auto", "float32", "float16", "bfloat16"]},
+        "strength": {"type": "number", "range": [0.01, 1.0], "tasks": ["image2image", "inpaint"]},
+    }
+    if video:
+        schema["num_frames"] = {"type": "integer",
+                                "max": getattr(settings, "diffusion_max_frames", 128)}
+        schema["fps"] = {"type": "integer"}
+    else:
+        schema["num_images"] = {"type": "integer",
+                                "max": getattr(settings, "diffusion_max_images", 8)}
+        schema["output_format"] = {"type": "string", "values": ["png", "jpeg", "webp"]}
+    return schema
+
+
 def _spec(pdir: PipelineDir, settings: Any) -> ModelSpec:
     def factory(ctx: LoadContext, pdir: PipelineDir = pdir) -> BatchModel[Any, Any]:
         reason = missing_packages() or pdir.error
@@ -51,6 +78,7 @@ def _spec(pdir: PipelineDir, settings: Any) -> ModelSpec:
             "dtype": getattr(settings, "diffusion_dtype", "auto"),
             "max_batch_rows": getattr(settings, "diffusion_max_batch_rows", 16),
             "nice": getattr(settings, "diffusion_thread_nice", 10),
+            "cpu_threads": getattr(settings, "diffusion_cpu_threads", 1),
             **ctx.options,
         }
         return load_model(pdir, ctx.device, options)
@@ -95,6 +123,9 @@ def _spec(pdir: PipelineDir, settings: Any) -> ModelSpec:
                 "max_frames": getattr(settings, "diffusion_max_frames", 128),
                 "max_prompt_chars": getattr(settings, "diffusion_max_prompt_chars", 2000),
             },
+            "config_schema": _config_schema(video, settings),
+            "default_config": {"preset": "balanced", "width": 512, "height": 512,
+                               **({"num_frames": 16, "fps": 8} if video else {})},
             "backends": ["cuda", "cpu"],
             "precision": {"cuda": "bf16 (fp16 before Ampere), VAE tiling", "cpu": "fp32"},
         },

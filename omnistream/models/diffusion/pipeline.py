@@ -80,10 +80,15 @@ class _CallDriver:
     """
 
     def __init__(
-        self, fn: Callable[[Callable[[], None]], Any], name: str, nice: int = DIFFUSION_NICE
+        self,
+        fn: Callable[[Callable[[], None]], Any],
+        name: str,
+        nice: int = DIFFUSION_NICE,
+        threads: int = 0,
     ) -> None:
         self._fn = fn
         self._nice = nice
+        self._threads = threads
         self._name = name
         self._go = threading.Semaphore(0)
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -100,6 +105,7 @@ class _CallDriver:
 
     def _main(self) -> None:
         _lower_thread_priority(self._nice)
+        limit_torch_threads(self._threads)
         try:
             output = self._fn(self._step_reached)
         except BaseException as exc:
@@ -132,6 +138,27 @@ class _CallDriver:
         self._go.release()
 
 
+def limit_torch_threads(threads: int) -> None:
+    """Make torch compute on ``threads`` threads in the calling thread only.
+
+    ``torch.set_num_threads`` sets the calling thread's OpenMP team size and also the
+    default that threads initialise from later; a short-lived helper thread puts that
+    default back, so other runners (and the caller's own later threads) are unaffected.
+    Oversubscribed OpenMP teams are also what makes small models crawl on a busy host.
+    """
+    if threads <= 0:
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    if previous == threads:
+        return
+    torch.set_num_threads(threads)
+    restore = threading.Thread(target=torch.set_num_threads, args=(previous,), daemon=True)
+    restore.start()
+    restore.join()
+
+
 def pick_dtype(device: str, requested: str | None) -> Any:
     """The weights' dtype: bf16 on GPUs that have it (else fp16), fp32 on CPU."""
     import torch
@@ -152,7 +179,8 @@ class DiffusionModel(BatchModel[Any, Any]):
         pdir: the discovered directory.
         device: ``cpu`` or ``cuda``.
         options: ``dtype`` (``auto``/``float32``/``float16``/``bfloat16``),
-            ``max_batch_rows``, ``vae_tiling`` (default: on for CUDA), ``nice``.
+            ``max_batch_rows``, ``vae_tiling`` (default: on for CUDA), ``nice``,
+            ``cpu_threads`` (torch threads of its calls on CPU).
     """
 
     batch_linger_s = STEP_LINGER_S
@@ -168,11 +196,13 @@ class DiffusionModel(BatchModel[Any, Any]):
         diffusers_logging.disable_progress_bar()
         self.nice = int(options.get("nice", DIFFUSION_NICE))
         _lower_thread_priority(self.nice)
+        self.threads = int(options.get("cpu_threads", 1)) if device == "cpu" else 0
+        limit_torch_threads(self.threads)
         self.pdir = pdir
         self.device = device
         self.dtype = pick_dtype(device, options.get("dtype"))
         self.max_batch_cost = float(options.get("max_batch_rows") or DEFAULT_MAX_ROWS)
-        self.cpu_threads = max(1, torch.get_num_threads()) if device == "cpu" else 1
+        self.cpu_threads = max(1, torch.get_num_threads()) if device == "cpu" else 1  # metering
         started = time.perf_counter()
         pipe = DiffusionPipeline.from_pretrained(  # type: ignore[no-untyped-call]
             str(pdir.path), local_files_only=True, torch_dtype=self.dtype
@@ -208,6 +238,7 @@ class DiffusionModel(BatchModel[Any, Any]):
             "family": self.family,
             "dtype": str(self.dtype).replace("torch.", ""),
             "vae_tiling": self.vae_tiling,
+            "cpu_threads": self.threads or None,
             "batched_steps": self.family == "sd",
             "largest_step_batch_rows": self.peak_rows,
             "load_ms": round(self.load_ms, 1),
@@ -600,7 +631,7 @@ class DiffusionModel(BatchModel[Any, Any]):
             frames = getattr(result, "frames", None)
             return frames if frames is not None else result.images
 
-        job.driver = _CallDriver(call, f"diffusion-call-{id(job):x}", self.nice)
+        job.driver = _CallDriver(call, f"diffusion-call-{id(job):x}", self.nice, self.threads)
         job.total_steps = job.steps
         job.key = None
 
