@@ -19,6 +19,7 @@ import contextlib
 import json
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -71,7 +72,7 @@ def _script(body: dict[str, Any]) -> list[dict[str, Any]]:
     if "weather" in text and body.get("tools"):
         args = json.dumps({"city": "Paris"})
         return [
-            {"tool_calls": [{"index": 0, "id": "call_weather_1", "type": "function",
+            {"tool_calls": [{"index": 0, "id": f"call_{uuid.uuid4().hex[:12]}", "type": "function",
                              "function": {"name": "get_weather", "arguments": ""}}]},
             {"tool_calls": [{"index": 0, "function": {"arguments": args[:8]}}]},
             {"tool_calls": [{"index": 0, "function": {"arguments": args[8:]}}]},

@@ -47,7 +47,7 @@ def agent_server(fake_llm: FakeLLM, tmp_path_factory: pytest.TempPathFactory
     providers = fake_llm.providers_file(tmp_path_factory.mktemp("providers"))
     # A generous lead: answers go out at synthesis speed for 2 s, then at real time.
     with run_server(providers_file=str(providers), realtime_output_lead_ms=2000,
-                    realtime_llm_timeout_s=2.0) as srv:
+                    realtime_llm_timeout_s=2.0, realtime_tool_timeout_s=1.0) as srv:
         yield srv
 
 
@@ -249,6 +249,20 @@ async def test_function_call_round_trip(agent_server: RunningServer) -> None:
         text = next(e for e in seen if e["type"] == "response.output_text.done")
         assert text["text"] == "It is sunny today."
         assert done["response"]["status"] == "completed"
+        # A call whose output never comes: reported, then answered as failed.
+        await conn.conversation.item.create(item={
+            "type": "message", "role": "user",
+            "content": [{"type": "input_text", "text": "And the weather tomorrow?"}]})
+        await conn.response.create()
+        await _until(conn, "response.done", seen)
+        error = await _until(conn, "error", seen, timeout=10)
+        assert error["error"]["code"] == "tool_output_timeout"
+        await conn.response.create()
+        seen = []
+        await _until(conn, "response.done", seen)
+        text = next((e for e in seen if e["type"] == "response.output_text.done"), None)
+        assert text is not None, [e["type"] for e in seen] + [json.dumps(seen[-1])[:600]]
+        assert text["text"] == "It is unknown today."
 
 
 async def test_protocol_errors_keep_the_socket(agent_server: RunningServer) -> None:

