@@ -25,7 +25,7 @@ log = logging.getLogger("omnistream")
 def _add_serve(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the streaming server (embedded default models)")
     p.add_argument("--host", help="bind address (default 127.0.0.1; OMNISTREAM_HOST)")
-    p.add_argument("--port", type=int, help="port (default 8000; OMNISTREAM_PORT)")
+    p.add_argument("--port", type=_port, help="port 1-65535 (default 8000; OMNISTREAM_PORT)")
     p.add_argument("--max-sessions", type=int, help="hard cap on live realtime sessions")
     p.add_argument("--avatar-model", help="default avatar model for FlashTalk routes")
     p.add_argument(
@@ -35,6 +35,15 @@ def _add_serve(sub: Any) -> None:
         help="allow only models of these tiers (repeatable)",
     )
     p.add_argument("--idle-timeout", type=float, dest="idle_timeout_s")
+    p.add_argument(
+        "--voice-alias",
+        action="append",
+        type=_alias,
+        dest="voice_aliases",
+        metavar="NAME=VOICE",
+        help="let TTS clients name VOICE as NAME, e.g. local-default=heart (repeatable; "
+        "OMNISTREAM_VOICE_ALIASES as JSON)",
+    )
     p.add_argument("--jpeg-quality", type=int)
     p.add_argument("--log-level", default=None)
     p.add_argument(
@@ -113,6 +122,7 @@ def _add_serve(sub: Any) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from pydantic import ValidationError
 
     from omnistream.settings import Settings
     from omnistream.transports.app import create_app
@@ -136,6 +146,7 @@ def _serve(args: argparse.Namespace) -> int:
             "avatar_model": args.avatar_model,
             "model_tiers": args.model_tier,
             "idle_timeout_s": args.idle_timeout_s,
+            "voice_aliases": dict(args.voice_aliases) if args.voice_aliases else None,
             "jpeg_quality": args.jpeg_quality,
             "log_level": args.log_level,
             "models_dir": getattr(args, "models_dir", None),
@@ -153,8 +164,16 @@ def _serve(args: argparse.Namespace) -> int:
         }.items()
         if v is not None
     }
-    settings = Settings(**overrides)
-    problem = exposure_problem(settings) or omni_groups_problem(settings)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:  # OMNISTREAM_* environment: one line per bad value
+        for error in exc.errors():
+            name = ".".join(str(p) for p in error["loc"])
+            print(f"omnistream serve: setting {name}: {error['msg']}", file=sys.stderr)
+        return 2
+    problem = (
+        exposure_problem(settings) or omni_groups_problem(settings) or port_problem(settings)
+    )
     if problem:
         print(f"omnistream serve: {problem}", file=sys.stderr)
         return 2
@@ -193,6 +212,52 @@ def _serve(args: argparse.Namespace) -> int:
     )
     uvicorn.run(app, **uvicorn_options(settings))
     return 0
+
+
+def _port(text: str) -> int:
+    """argparse type: a TCP port number (1-65535)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port: use 1-65535")
+    return port
+
+
+def _alias(text: str) -> tuple[str, str]:
+    """argparse type: ``NAME=VOICE``."""
+    name, sep, voice = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"'{text}' is not NAME=VOICE")
+    return name.strip(), voice.strip()
+
+
+def port_problem(settings: Any) -> str | None:
+    """Why the server could not listen on its address, found before any model loads.
+
+    Binds and releases the address with the options uvicorn uses (``SO_REUSEADDR``, so
+    a port in TIME_WAIT is not a problem): a port another process listens on is refused
+    here in a second, not after a minute of loading models.
+    """
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(
+            settings.host, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (OSError, UnicodeError) as exc:
+        return f"cannot resolve --host {settings.host!r}: {exc}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            hint = " (is another server running? pick one with --port)"
+            return f"cannot listen on {settings.host}:{settings.port}: {reason}{hint}"
+    return None
 
 
 def exposure_problem(settings: Any) -> str | None:
@@ -276,7 +341,12 @@ def uvicorn_options(settings: Any) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full parser, with every registered subcommand."""
-    parser = argparse.ArgumentParser(prog="omnistream", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="omnistream",
+        description="A realtime streaming media engine: talking-head avatars, streaming "
+        "speech, WebRTC and offline generation on one scheduler. Start with "
+        "`omnistream serve`; `omnistream <command> --help` explains each command.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     for name in SUBCOMMAND_MODULES:

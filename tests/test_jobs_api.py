@@ -412,7 +412,7 @@ TRUNCATED_WAV = tone(1.0)[:44]  # header only: no samples
         ({"task": "audio2text", "inputs": {"audio": "LONG"}}, 413, "audio_too_long"),
         ({"task": "text2audio", "inputs": {}}, 400, "missing_input"),
         ({"task": "text2audio", "inputs": {"prompt": 42}}, 400, "invalid_input"),
-        ({"task": "text2audio", "inputs": {"prompt": "x" * 5000}}, 413, "input_too_long"),
+        ({"task": "text2audio", "inputs": {"prompt": "x" * 5000}}, 400, "input_too_long"),
         (
             {"task": "text2audio", "inputs": {"prompt": "hi"}, "config": {"voice": "nobody"}},
             400,

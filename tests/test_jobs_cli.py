@@ -25,7 +25,8 @@ def omni(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str
 def test_generate_each_task_in_process(tmp_path: Path) -> None:
     out = tmp_path / "out"
     speech = omni(
-        "generate", "--task", "text2audio", "--prompt", "Seven green apples.", "-o", str(out)
+        "generate", "--task", "text2audio", "--prompt", "Seven green apples.", "-o", str(out),
+        "--json",
     )
     assert speech.returncode == 0, speech.stderr
     result = json.loads(speech.stdout)
@@ -43,6 +44,7 @@ def test_generate_each_task_in_process(tmp_path: Path) -> None:
         "-o",
         str(out),
         "--quiet",
+        "--json",
         "--report",
         str(tmp_path / "report.json"),
     )
@@ -81,6 +83,7 @@ def test_generate_against_a_server(tmp_path: Path) -> None:
             "height=128",
             "-o",
             "out",
+            "--json",
             cwd=tmp_path,
         )
         assert done.returncode == 0, done.stderr
@@ -96,7 +99,7 @@ def test_generate_against_a_server(tmp_path: Path) -> None:
             "audio=abc",
             cwd=tmp_path,
         )
-        assert bad.returncode == 2 and "invalid_" in bad.stdout
+        assert bad.returncode == 2 and "invalid_" in bad.stderr
 
 
 def test_validate_reports_the_line(tmp_path: Path) -> None:

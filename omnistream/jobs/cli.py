@@ -25,6 +25,8 @@ from omnistream.jobs.schemas import TASKS, GenerateRequest
 from omnistream.jobs.yamlsource import SourceDocument, parse_error
 
 MEDIA_INPUTS = ("audio", "image", "mask")
+#: Tasks the models that ship with omnistream run; the others need diffusion weights.
+EMBEDDED_TASKS: tuple[str, ...] = ("audio2video", "text2audio", "audio2text")
 
 
 def register(subparsers: Any) -> None:
@@ -33,7 +35,14 @@ def register(subparsers: Any) -> None:
         "generate", help="run an offline task (audio2video, text2audio, audio2text)"
     )
     g.add_argument("request_file", nargs="?", help="GenerateRequest as YAML or JSON ('-' = stdin)")
-    g.add_argument("--task", choices=TASKS)
+    g.add_argument(
+        "--task",
+        choices=TASKS,
+        metavar="TASK",
+        help=f"{', '.join(EMBEDDED_TASKS)} run on the embedded models; "
+        f"{', '.join(t for t in TASKS if t not in EMBEDDED_TASKS)} only where image or video "
+        "models are installed (`omnistream models` lists what runs here)",
+    )
     g.add_argument("--model")
     g.add_argument("--backend", choices=["auto", "cuda", "cpu", "cpu-stub"])
     g.add_argument("--prompt", help="text input (text2audio)")
@@ -58,6 +67,11 @@ def register(subparsers: Any) -> None:
         "--server", help="submit to this server (http://host:port) instead of in-process"
     )
     g.add_argument("--report", help="also write the RunReport JSON to this file")
+    g.add_argument(
+        "--json",
+        action="store_true",
+        help="print the whole result (outputs and RunReport) as JSON instead of a summary",
+    )
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 
@@ -252,13 +266,37 @@ def _generate_remote(
 ) -> tuple[int, dict[str, Any]]:
     import httpx
 
+    try:
+        return _run_remote(request, server, out_dir, progress)
+    except httpx.HTTPError as exc:
+        # One line, not a traceback: the usual causes are a wrong URL or a server down.
+        reason = str(exc) or type(exc).__name__
+        return 3, {"error": {"code": "server_unreachable", "message": f"{server}: {reason}"}}
+
+
+def _error_body(response: Any) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        return body
+    text = response.text.strip()[:200] or response.reason_phrase
+    return {"error": {"code": f"http_{response.status_code}", "message": text}}
+
+
+def _run_remote(
+    request: GenerateRequest, server: str, out_dir: Path, progress: Progress
+) -> tuple[int, dict[str, Any]]:
+    import httpx
+
     body = request.model_dump(mode="json") | {"async_run": True}
     with httpx.Client(
         base_url=server.rstrip("/"), timeout=httpx.Timeout(30.0, read=None)
     ) as client:
         response = client.post("/v1/generate", json=body)
         if response.status_code != 200:
-            return 2, response.json()
+            return 2, _error_body(response)
         job_id = response.json()["id"]
         with client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
             for line in stream.iter_lines():
@@ -289,7 +327,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         request = build_request(args)
     except ValidationError as exc:
-        sys.stderr.write(f"invalid request: {exc}\n")
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'request'}: "
+            f"{(err.get('ctx') or {}).get('error') or err['msg']}"
+            for err in exc.errors()
+        )
+        sys.stderr.write(f"omnistream generate: invalid request: {problems}\n")
         return 2
     except OSError as exc:
         sys.stderr.write(f"cannot read input: {exc}\n")
@@ -300,14 +343,53 @@ def cmd_generate(args: argparse.Namespace) -> int:
         code, result = _generate_remote(request, args.server, out_dir, progress)
     else:
         code, result = asyncio.run(_generate_local(request, out_dir, progress))
-    if code == 0:
-        for artifact in result["outputs"]:
-            sys.stderr.write(f"wrote {artifact['path']}\n")
-        if args.report:
-            Path(args.report).write_text(json.dumps(result["metadata"], indent=2), encoding="utf-8")
-    json.dump(result, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    if code == 0 and args.report:
+        Path(args.report).write_text(json.dumps(result["metadata"], indent=2), encoding="utf-8")
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    elif code == 0:
+        print(summary(result))
+    else:
+        sys.stderr.write(f"omnistream generate: {failure(result)}\n")
     return code
+
+
+def summary(result: dict[str, Any]) -> str:
+    """A few lines for a person: what ran, how long it took, where the outputs are.
+
+    The full RunReport (timings per stage, events, placement…) is ``--json`` or
+    ``--report FILE``: a hundred lines nobody reads by default.
+    """
+    report = result.get("metadata") or {}
+    timings = report.get("timings") or {}
+    total_ms = timings.get("total_ms") or sum(float(v) for v in timings.values())
+    lines = [
+        f"{report.get('task', '?')} on {report.get('model', '?')}: done in "
+        f"{float(total_ms) / 1000:.2f} s (job {report.get('job_id') or '-'})"
+    ]
+    for artifact in result.get("outputs") or []:
+        details = [artifact.get("mime") or artifact.get("kind") or ""]
+        if artifact.get("duration_s") is not None:
+            details.append(f"{float(artifact['duration_s']):.2f} s")
+        if artifact.get("width") and artifact.get("height"):
+            details.append(f"{artifact['width']}x{artifact['height']}")
+        lines.append(f"  {artifact.get('path') or artifact.get('url')}  ({', '.join(details)})")
+        text = artifact.get("text")
+        if text:
+            lines.append(f"  text: {text if len(text) <= 200 else text[:200] + '…'}")
+    return "\n".join(lines)
+
+
+def failure(result: dict[str, Any]) -> str:
+    """One line saying why a run failed or was refused."""
+    error = result.get("error")
+    if isinstance(error, dict):
+        code, message = error.get("code"), error.get("message")
+        return f"{code}: {message}" if code else str(message)
+    if error:
+        return str(error)
+    return f"job {result.get('id', '?')} ended {result.get('state', 'badly')}"
 
 
 # -- validate ------------------------------------------------------------------------------

@@ -310,8 +310,10 @@ def text_input(inputs: dict[str, Any], limits: InputLimits, *names: str) -> str:
             if not value.strip():
                 raise GenerateError(400, "missing_input", f"Input '{name}' is empty.")
             if len(value) > limits.max_text_chars:
+                # 400 like the TTS routes and OpenAI: the body was an acceptable size (413
+                # is for that), one field is over its own limit.
                 raise GenerateError(
-                    413,
+                    400,
                     "input_too_long",
                     f"Input '{name}' has {len(value)} characters; "
                     f"the limit is {limits.max_text_chars}.",

@@ -416,8 +416,11 @@ async def run_audio2text(ctx: RunContext, prepared: Prepared) -> list[Artifact]:
             )
             transcript: Transcript = result.value
             language = transcript.language or language
+            # Numbered from the count before this piece: len(segments) inside the
+            # generator grows as extend() appends, which skipped every other id.
+            first = len(segments)
             segments.extend(
-                {"id": len(segments) + i, "start": s.start, "end": s.end, "text": s.text}
+                {"id": first + i, "start": s.start, "end": s.end, "text": s.text}
                 for i, s in enumerate(transcript.segments)
             )
             ctx.progress("transcribe", index + 1, len(pieces))

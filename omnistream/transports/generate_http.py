@@ -28,7 +28,7 @@ from starlette.datastructures import UploadFile
 from omnistream.auth import principal_of
 from omnistream.jobs.errors import GenerateError
 from omnistream.jobs.inputs import Upload
-from omnistream.jobs.schemas import TERMINAL_EVENTS, GenerateRequest, JobTrace
+from omnistream.jobs.schemas import TASKS, TERMINAL_EVENTS, GenerateRequest, JobTrace
 from omnistream.jobs.service import JobService
 from omnistream.jobs.store import Job
 from omnistream.transports.request_schemas import (
@@ -66,7 +66,10 @@ def _validation_message(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err.get("loc", ())) or "body"
-        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+        cause = (err.get("ctx") or {}).get("error")
+        # Our own validators' messages, without pydantic's "Value error, " prefix.
+        message = str(cause) if err.get("type") == "value_error" and cause else err.get("msg")
+        parts.append(f"{loc}: {message or 'invalid'}")
     return "; ".join(parts)
 
 
@@ -150,6 +153,16 @@ async def parse_generate(
             raise GenerateError(400, "invalid_json", "Request body is not valid JSON.") from exc
         if not isinstance(body, dict):
             raise GenerateError(400, "invalid_request", "Request body must be a JSON object.")
+    task = body.get("task")
+    if isinstance(task, str) and task not in TASKS:
+        # Said here rather than by the schema: pydantic's wording ("Value error, …") and
+        # its list of every task, runnable here or not, are no help to a client.
+        raise GenerateError(
+            400,
+            "invalid_request",  # the code clients already match; the message is new
+            f"Unknown task '{task}'. Tasks this server runs: "
+            f"{', '.join(service.available_tasks()) or 'none'}.",
+        )
     try:
         parsed_request = GenerateRequest.model_validate(body)
     except ValidationError as exc:

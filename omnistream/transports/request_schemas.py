@@ -56,6 +56,9 @@ class SpeechBody(_Body):
     response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
     speed: float = Field(1.0, ge=0.25, le=4.0)
     stream_format: Literal["audio", "sse"] = "audio"
+    stream: bool = Field(
+        False, description="wav only: send it while synthesised (sizes 0xFFFFFFFF)"
+    )
     instructions: str | None = Field(None, description="Accepted; the voices ignore it")
 
 

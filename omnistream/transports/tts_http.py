@@ -22,7 +22,7 @@ import contextlib
 import json
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -122,10 +122,28 @@ def resolve_tts_model(state: AppState, model: Any) -> ModelSpec:
         raise TtsRequestError(exc.status, exc.code, exc.message) from exc
 
 
-def resolve_voice(spec: ModelSpec, voice: Any, *, openai_names: bool = False) -> str:
-    """A voice id the model declared; empty means its default."""
+def resolve_voice(
+    spec: ModelSpec,
+    voice: Any,
+    *,
+    openai_names: bool = False,
+    aliases: Mapping[str, str] | None = None,
+) -> str:
+    """A voice id the model declared; empty means its default.
+
+    ``aliases`` (``settings.voice_aliases``, ``serve --voice-alias NAME=VOICE``) maps
+    names existing clients send, which no model declares, to a voice: OpenTalking's
+    OmniRT TTS client asks for ``local-default``.
+    """
     voices = [v.id for v in voice_catalog(spec)]
     wanted = _optional_str(voice, "voice")
+    if aliases and wanted:
+        target = aliases.get(wanted, aliases.get(wanted.lower()))
+        if target is not None:
+            target = target.strip()
+            if target in ("", "default"):
+                return default_voice(spec)
+            wanted = target
     if not wanted or (openai_names and wanted.lower() in OPENAI_VOICES):
         return default_voice(spec)
     if wanted in voices:
@@ -487,7 +505,11 @@ async def _text2audio(request: Request, path_model: str | None) -> Response:
         body = await read_json(request)
         spec = resolve_tts_model(state, path_model or body.get("model"))
         text = check_text(state, body.get("text"), "text")
-        voice = resolve_voice(spec, body.get("voice") or body.get("speaker_profile"))
+        voice = resolve_voice(
+            spec,
+            body.get("voice") or body.get("speaker_profile"),
+            aliases=state.settings.voice_aliases,
+        )
         if body.get("prompt_audio") or body.get("reference_text"):
             names = [v.id for v in voice_catalog(spec)]
             shown = ", ".join(names[:20]) + (" …" if len(names) > 20 else "")
@@ -607,6 +629,23 @@ async def tts_voices(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
+async def _complete_wav(
+    state: AppState, route: str, stream: TtsStream, spec: ModelSpec, text: str
+) -> Response:
+    """The whole utterance as one WAV with its real sizes (``wave`` reads it right)."""
+    headers = _stream_headers(stream, spec, OPENAI_RATE)
+    stream.say(text)
+    try:
+        pcm = b"".join([chunk async for chunk in stream.audio()])
+    except SynthesisFailed as exc:
+        failure = TtsRequestError(500, "synthesis_failed", str(exc), type_="server_error")
+        return error_response(state, route, failure)
+    finally:
+        await close_stream(state, stream, "completed")
+    content = encode_all(pcm, "wav", OPENAI_RATE)
+    return Response(content, headers=headers, media_type=CONTENT_TYPES["wav"])
+
+
 @router.post("/v1/audio/speech", openapi_extra=json_body(SpeechBody))
 async def openai_speech(request: Request) -> Response:
     """OpenAI-compatible speech: every ``response_format``, ``speed``, SSE streaming."""
@@ -616,7 +655,9 @@ async def openai_speech(request: Request) -> Response:
         body = await read_json(request)
         spec = resolve_tts_model(state, body.get("model"))
         text = check_text(state, body.get("input"), "input")
-        voice = resolve_voice(spec, body.get("voice"), openai_names=True)
+        voice = resolve_voice(
+            spec, body.get("voice"), openai_names=True, aliases=state.settings.voice_aliases
+        )
         fmt = check_choice(
             body.get("response_format") or "mp3", OPENAI_FORMATS, "response_format",
             "unsupported_format",
@@ -626,9 +667,17 @@ async def openai_speech(request: Request) -> Response:
             "unsupported_format",
         )
         speed = check_speed(body.get("speed"))
+        streamed = body.get("stream", False)
+        if not isinstance(streamed, bool):
+            raise TtsRequestError(400, "invalid_type", "stream must be true or false")
         stream = await open_stream(state, spec, voice=voice, out_rate=OPENAI_RATE, speed=speed)
     except TtsRequestError as exc:
         return error_response(state, route, exc)
+
+    if fmt == "wav" and stream_format == "audio" and not streamed:
+        # A WAV file states its sizes up front, so a real one waits for the last sample;
+        # `"stream": true` gets it while it is synthesised, with 0xFFFFFFFF sizes.
+        return await _complete_wav(state, route, stream, spec, text)
 
     encoder = _OffLoopEncoder(StreamingAudioEncoder(fmt, OPENAI_RATE))
     headers = _stream_headers(stream, spec, encoder.output_rate)

@@ -151,7 +151,7 @@ async def _create(session: _Session, message: dict[str, Any]) -> None:
         return
     try:
         spec = resolve_tts_model(state, message.get("model"))
-        voice = resolve_voice(spec, message.get("voice"))
+        voice = resolve_voice(spec, message.get("voice"), aliases=state.settings.voice_aliases)
         rate = check_sample_rate(message.get("sample_rate"), sample_rate(spec))
         speed = check_speed(message.get("speed"))
         lead_ms = _check_lead(message.get("pace_lead_ms"))
