@@ -4,7 +4,8 @@ Against one ``omnistream serve`` process (keys off, embedded models), interleave
 
 * the same short TTS request run ``--rounds`` times as ``POST /v1/generate`` (sync) and as
   an Omni task (create, poll every ``--poll-ms`` until ``succeeded``, download the output
-  through its signed URL): end-to-end p50/p95 of each and the difference;
+  through its signed URL), downloads on the same keep-alive connection: end-to-end
+  p50/p95 of each, the difference, and the create call alone;
 * ``GET /api/omni/models`` and ``GET /api/omni/tasks/{id}`` (a finished task) latency;
 * ``PUT`` of a WAV into a ``speech_to_text`` upload slot (spooling and job submission
   included) for ``--upload-s`` seconds of audio.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import platform
 import statistics
 import time
@@ -62,11 +64,12 @@ def generate_once(client: httpx.Client) -> float:
     return (time.perf_counter() - started) * 1000.0
 
 
-def task_once(client: httpx.Client, poll_s: float) -> tuple[float, str]:
+def task_once(client: httpx.Client, poll_s: float, creates: list[float]) -> tuple[float, str]:
     started = time.perf_counter()
     r = client.post("/api/omni/tasks/create", json={
         "model_group": "omni-tts", "task_type": "text_to_speech", "input": {"text": TEXT}})
     r.raise_for_status()
+    creates.append((time.perf_counter() - started) * 1000.0)
     task_id = r.json()["portal_task_id"]
     while True:
         body: dict[str, Any] = client.get(f"/api/omni/tasks/{task_id}").json()
@@ -75,7 +78,7 @@ def task_once(client: httpx.Client, poll_s: float) -> tuple[float, str]:
         if body["status"] in ("failed", "cancelled"):
             raise RuntimeError(body)
         time.sleep(poll_s)
-    httpx.get(body["outputs"][0]["url"]).raise_for_status()
+    client.get(body["outputs"][0]["url"]).raise_for_status()  # same keep-alive connection
     return (time.perf_counter() - started) * 1000.0, task_id
 
 
@@ -100,10 +103,11 @@ def main() -> None:
         generate_once(client)  # load the voice
         direct: list[float] = []
         tasks: list[float] = []
+        creates: list[float] = []
         task_id = ""
         for _ in range(args.rounds):
             direct.append(generate_once(client))
-            elapsed, task_id = task_once(client, args.poll_ms / 1000.0)
+            elapsed, task_id = task_once(client, args.poll_ms / 1000.0, creates)
             tasks.append(elapsed)
         catalog = timed_get(client, "/api/omni/models", 50)
         status = timed_get(client, f"/api/omni/tasks/{task_id}", 100)
@@ -120,9 +124,12 @@ def main() -> None:
     result = {
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
         "poll_ms": args.poll_ms,
         "tts_generate_sync": _summary(direct),
         "tts_omni_task": _summary(tasks),
+        "omni_create": _summary(creates),
         "omni_minus_generate_p50_ms": round(_pct(tasks, 0.5) - _pct(direct, 0.5), 2),
         "get_models": _summary(catalog),
         "get_task_finished": _summary(status),
