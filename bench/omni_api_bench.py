@@ -119,7 +119,7 @@ def main() -> None:
                 "files_to_upload": [{"field": "audio", "content_type": "audio/wav"}]})
             url = r.json()["uploads"][0]["upload_url"]
             started = time.perf_counter()
-            httpx.put(url, content=wav, headers={"Content-Type": "audio/wav"}).raise_for_status()
+            client.put(url, content=wav, headers={"Content-Type": "audio/wav"}).raise_for_status()
             puts.append((time.perf_counter() - started) * 1000.0)
     result = {
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
