@@ -39,9 +39,9 @@ import websockets
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from omnistream_server import omnistream_server  # noqa: E402
+from omnistream_server import omnistream_server
 
-from omnistream.sessions.avatar import default_avatar_bytes  # noqa: E402
+from omnistream.sessions.avatar import default_avatar_bytes
 
 RESULTS = Path(__file__).parent / "results"
 SR = 16000
@@ -60,7 +60,12 @@ def build(root: Path, real_size: bool) -> Path:
 
         return build_models(root, video=False)["tiny-sd"]
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from tests.diffusion_helpers import _tokenizer
@@ -110,7 +115,6 @@ def direct(path: Path, images: int, steps: int, size: int) -> dict[str, Any]:
     for seed in range(images):
         one(seed + 1)
     elapsed = time.perf_counter() - started
-    del pipe
     return {"images": images, "seconds": round(elapsed, 3),
             "images_per_s": round(images / elapsed, 3), "device": device}
 

@@ -25,12 +25,12 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from PIL import Image  # noqa: E402
+from PIL import Image
 
-from omnistream.codecs.mp4 import probe  # noqa: E402
-from tests.diffusion_helpers import build_models  # noqa: E402
-from tests.jobs_helpers import sse_events, wait_job  # noqa: E402
-from tests.server import RunningServer, run_server  # noqa: E402
+from omnistream.codecs.mp4 import probe
+from tests.diffusion_helpers import build_models
+from tests.jobs_helpers import sse_events, wait_job
+from tests.server import RunningServer, run_server
 
 SIZE = {"width": 64, "height": 64}
 FAST = {**SIZE, "num_inference_steps": 2, "seed": 7}
@@ -249,7 +249,9 @@ def test_lora_changes_the_image_and_is_cached(
     styled = client.post("/v1/generate", json=base | {"adapters": lora})
     assert styled.status_code == 200, styled.text
     again = client.post("/v1/generate", json=base | {"adapters": lora}).json()
-    a, b, c = (_pixels(_fetch(client, r["outputs"][0]["url"])) for r in (plain, styled.json(), again))
+    a, b, c = (
+        _pixels(_fetch(client, r["outputs"][0]["url"])) for r in (plain, styled.json(), again)
+    )
     assert not np.array_equal(a, b) and np.array_equal(b, c)
     assert "lora:style.safetensors" in again["metadata"]["cache_hits"]
     back = client.post("/v1/generate", json=base).json()  # adapters off again
@@ -370,6 +372,7 @@ async def test_live_avatar_session_loses_no_chunk_while_an_image_renders(
 def _bad_generate(models: dict[str, Path]) -> list[tuple[dict[str, Any], str]]:
     root = models["root"]
     t2i = {"task": "text2image", "model": "tiny-sd", "inputs": {"prompt": "a cat"}}
+    small_mask, not_image = root / "small_mask.png", root / "notes.png"
     inpaint = {"task": "inpaint", "model": "tiny-sd",
                "inputs": {"prompt": "x", "image": {"path": str(root / "photo.png")}}}
     return [
@@ -380,9 +383,9 @@ def _bad_generate(models: dict[str, Path]) -> list[tuple[dict[str, Any], str]]:
         (t2i | {"config": {"num_images": 50}}, "invalid_config"),
         (t2i | {"config": {"scheduler": "NoSuchScheduler"}}, "invalid_config"),
         (t2i | {"config": {"preset": "ultra"}}, "invalid_config"),
-        (inpaint | {"inputs": {**inpaint["inputs"], "mask": {"path": str(root / "small_mask.png")}}},
+        (inpaint | {"inputs": {**inpaint["inputs"], "mask": {"path": str(small_mask)}}},
          "invalid_mask"),
-        (inpaint | {"inputs": {**inpaint["inputs"], "mask": {"path": str(root / "notes.png")}}},
+        (inpaint | {"inputs": {**inpaint["inputs"], "mask": {"path": str(not_image)}}},
          "invalid_image"),
         (t2i | {"adapters": [{"path": "/etc/passwd"}]}, "invalid_adapter"),
         (t2i | {"adapters": [{"path": str(models["not_lora"])}]}, "invalid_adapter"),
