@@ -132,6 +132,7 @@ def direct(rounds: int) -> dict[str, Any]:
 
 def ramp(label: str, env: dict[str, str]) -> dict[str, Any]:
     out_dir = OUT / "avatar-lite-v2" / f"ramp-{label}"
+    out_dir.mkdir(parents=True, exist_ok=True)
     before = load()
     with omnistream_server(**env) as (address, _):
         cmd = [
@@ -175,6 +176,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--skip-ramp", action="store_true")
+    ap.add_argument(
+        "--ramp-rounds",
+        type=int,
+        default=1,
+        help="old/new ramp pairs, alternated (a shared machine's load then hits both)",
+    )
     ap.add_argument("--out", default=str(OUT / "avatar_lite_v2.json"))
     args = ap.parse_args()
     result: dict[str, Any] = {
@@ -185,15 +192,21 @@ def main() -> None:
     result["direct"]["load_after"] = load()
     print(json.dumps(result["direct"], indent=1), flush=True)
     if not args.skip_ramp:
-        result["ramp_old"] = ramp(
-            "old",
-            {"OMNISTREAM_AVATAR_MODEL": "omni-avatar-lite-v1", "OMNISTREAM_JPEG_SPLICE": "false"},
-        )
-        print(json.dumps(result["ramp_old"], indent=1), flush=True)
-        result["ramp_new"] = ramp("new", {})
-        print(json.dumps(result["ramp_new"], indent=1), flush=True)
-        old, new = result["ramp_old"]["max_sessions_held"], result["ramp_new"]["max_sessions_held"]
-        result["ramp_ratio"] = round(new / old, 2) if old else None
+        old_env = {
+            "OMNISTREAM_AVATAR_MODEL": "omni-avatar-lite-v1",
+            "OMNISTREAM_JPEG_SPLICE": "false",
+        }
+        pairs = []
+        for r in range(args.ramp_rounds):
+            suffix = "" if args.ramp_rounds == 1 else f"-{r + 1}"
+            pair: dict[str, Any] = {"old": ramp("old" + suffix, old_env)}
+            print(json.dumps(pair["old"], indent=1), flush=True)
+            pair["new"] = ramp("new" + suffix, {})
+            print(json.dumps(pair["new"], indent=1), flush=True)
+            old, new = pair["old"]["max_sessions_held"], pair["new"]["max_sessions_held"]
+            pair["ratio"] = round(new / old, 2) if old else None
+            pairs.append(pair)
+        result["ramps"] = pairs
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print("wrote", args.out)
 
