@@ -286,6 +286,10 @@ def test_upload_slot_rules(client: httpx.Client) -> None:
     r = httpx.put(url, content=wav, headers={"Content-Type": "audio/wav"})
     assert r.status_code == 409 and r.json()["error"]["code"] == "already_uploaded"
     assert poll(client, task["portal_task_id"], bearer("alice"))["status"] == "succeeded"
+    metrics = client.get("/metrics", headers=bearer("admin")).text
+    assert 'omnistream_omni_uploads_total{outcome="already_uploaded"} 1.0' in metrics
+    assert 'omnistream_omni_tasks_ended_total{status="succeeded",task_type="audio_to_video"}' in (
+        metrics)
 
 
 def test_tampered_and_expired_urls_are_refused(client: httpx.Client) -> None:

@@ -22,12 +22,13 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import FileResponse, Response
 
@@ -141,6 +142,7 @@ class OmniTask:
     finished_at: float | None = None
     idempotency: tuple[str, str] | None = None
     timer: asyncio.TimerHandle | None = None
+    on_end: Callable[[OmniTask], None] | None = None
 
     @property
     def owner(self) -> str:
@@ -160,6 +162,8 @@ class OmniTask:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.on_end is not None:
+            self.on_end(self)
 
 
 def _translate(message: str, task_type: TaskType) -> str:
@@ -206,6 +210,21 @@ class TaskService:
         self._idempotency: dict[tuple[str, str], str] = {}
         self._idem_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._watchers: set[asyncio.Task[None]] = set()
+        registry = state.metrics.registry
+        self.created_total = Counter(
+            "omnistream_omni_tasks_created_total", "Hosted API tasks created, by task type",
+            ["task_type"], registry=registry,
+        )
+        self.ended_total = Counter(
+            "omnistream_omni_tasks_ended_total",
+            "Hosted API tasks that ended, by task type and status", ["task_type", "status"],
+            registry=registry,
+        )
+        self.uploads_total = Counter(
+            "omnistream_omni_uploads_total",
+            "Upload slot PUTs, by outcome ('ok' or the refusal's code)", ["outcome"],
+            registry=registry,
+        )
 
     @classmethod
     def of(cls, state: AppState) -> TaskService:
@@ -322,6 +341,7 @@ class TaskService:
             upload_expires=int(now + self.upload_ttl_s) + 1,
             body_hash=body_hash,
             idempotency=idempotency,
+            on_end=self._ended,
         )
         if slots:
             waiting = sum(1 for t in self._tasks.values() if t.status == "awaiting_upload")
@@ -337,7 +357,11 @@ class TaskService:
         else:
             await self._submit(task, {})
         self._tasks[task.id] = task
+        self.created_total.labels(task_type.name).inc()
         return task
+
+    def _ended(self, task: OmniTask) -> None:
+        self.ended_total.labels(task.task_type.name, task.status).inc()
 
     @staticmethod
     def _slots(task_type: TaskType, files: list[FileToUpload]) -> dict[str, Slot]:
@@ -439,6 +463,29 @@ class TaskService:
         loop.run_in_executor(None, self.spool.discard, task.id, list(task.slots))
 
     async def upload(
+        self,
+        task_id: str,
+        field_name: str,
+        *,
+        expires: str | None,
+        sig: str | None,
+        content_type: str | None,
+        content_length: str | None,
+        body: AsyncIterator[bytes],
+    ) -> OmniTask:
+        """Fill one slot (see :meth:`_upload`), counting the outcome."""
+        try:
+            task = await self._upload(
+                task_id, field_name, expires=expires, sig=sig, content_type=content_type,
+                content_length=content_length, body=body,
+            )
+        except OmniError as exc:
+            self.uploads_total.labels(exc.code).inc()
+            raise
+        self.uploads_total.labels("ok").inc()
+        return task
+
+    async def _upload(
         self,
         task_id: str,
         field_name: str,
@@ -585,6 +632,7 @@ class TaskService:
         if job.started_at_ms is not None:
             task.started_at = job.started_at_ms / 1000.0
         if job.terminal:
+            self._ended(task)
             task.finished_at = (job.finished_at_ms or time.time() * 1000.0) / 1000.0
             if job.error is not None:
                 task.error = {"code": job.error.code, "message": _translate(
