@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -130,11 +131,22 @@ def direct(rounds: int) -> dict[str, Any]:
     return out
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def ramp(label: str, env: dict[str, str]) -> dict[str, Any]:
     out_dir = OUT / "avatar-lite-v2" / f"ramp-{label}"
     out_dir.mkdir(parents=True, exist_ok=True)
     before = load()
-    with omnistream_server(**env) as (address, _):
+    with omnistream_server(**env) as (address, server):
         cmd = [
             sys.executable,
             "-m",
@@ -153,14 +165,24 @@ def ramp(label: str, env: dict[str, str]) -> dict[str, Any]:
             "--force",
         ]
         started = time.monotonic()
+        server_cpu, client_cpu = process_cpu_s(server.pid), children_cpu_s()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         wall = time.monotonic() - started
+        server_cpu = process_cpu_s(server.pid) - server_cpu
+        client_cpu = children_cpu_s() - client_cpu
     report = json.loads((out_dir / "report.json").read_text())
     summary = report["summary"]
     held = [s for s in summary["steps"] if s["held"]]
     best = max(held, key=lambda s: s["sessions"]) if held else None
+    # Every frame the server delivered during the ramp (28 a chunk at this geometry), for
+    # CPU per frame: the server's whole process (render, JPEG, WebSocket, event loop)
+    # and the benchmark client's, which shares the machine.
+    frames = sum(s["chunks_answered"] for s in summary["steps"]) * CHUNK_FRAMES
     return {
         "env": env,
+        "frames_delivered": frames,
+        "server_cpu_ms_per_frame": round(server_cpu * 1000 / frames, 3) if frames else None,
+        "client_cpu_ms_per_frame": round(client_cpu * 1000 / frames, 3) if frames else None,
         "exit": proc.returncode,
         "max_sessions_held": summary["max_sessions_held"],
         "stop_reason": summary.get("stop_reason"),
