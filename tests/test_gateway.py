@@ -525,3 +525,99 @@ def test_bad_providers_file_refuses_to_start(tmp_path: Path) -> None:
          "--providers", str(bad)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert f"{bad}:6" in proc.stderr and "gemini" in proc.stderr
+
+
+# -- outbound proxy ---------------------------------------------------------------------------
+
+
+class _ForwardProxy:
+    """A minimal HTTP forward proxy on loopback that records the requests it relays."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.seen: list[str] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(conn,), daemon=True).start()
+
+    def _relay(self, conn: Any) -> None:
+        import socket
+        import threading
+        from urllib.parse import urlsplit
+
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                conn.close()
+                return
+            data += chunk
+        line = data.split(b"\r\n", 1)[0].decode()
+        self.seen.append(line)
+        method, target, version = line.split(" ")
+        url = urlsplit(target)
+        upstream = socket.create_connection((url.hostname, url.port or 80))
+        path = url.path + (f"?{url.query}" if url.query else "")
+        upstream.sendall(f"{method} {path} {version}".encode() + data[len(line):])
+
+        def pump(src: Any, dst: Any) -> None:
+            try:
+                while chunk := src.recv(65536):
+                    dst.sendall(chunk)
+            except OSError:
+                pass
+            finally:
+                for s in (src, dst):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        threading.Thread(target=pump, args=(upstream, conn), daemon=True).start()
+        pump(conn, upstream)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_outbound_calls_honour_http_proxy(fakes: dict[str, FakeUpstream],
+                                          tmp_path: Path) -> None:
+    proxy = _ForwardProxy()
+    path = tmp_path / "providers.yaml"
+    path.write_text(f"providers:\n  viaproxy:\n    kind: openai\n"
+                    f"    base_url: http://localhost:{fakes['beta'].port}/v1\n"
+                    f"    models: [fake-chat]\n")
+    saved = {k: os.environ.get(k) for k in ("HTTP_PROXY", "NO_PROXY", "http_proxy", "no_proxy")}
+    os.environ.update({"HTTP_PROXY": f"http://127.0.0.1:{proxy.port}",
+                       "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"})
+    os.environ.pop("http_proxy", None)
+    try:
+        with run_server(providers_file=str(path)) as srv, \
+                httpx.Client(base_url=srv.http, timeout=20, trust_env=False) as client:
+            r = client.post("/v1/chat/completions", json={
+                "model": "viaproxy/fake-chat", "messages": [{"role": "user", "content": "p"}]})
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] \
+                == "beta: p"
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        proxy.close()
+    assert proxy.seen == [f"POST http://localhost:{fakes['beta'].port}/v1/chat/completions "
+                          "HTTP/1.1"]
