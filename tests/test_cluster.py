@@ -10,6 +10,7 @@ import asyncio
 import io
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -249,6 +250,23 @@ def test_unreadable_payload_fails_with_a_reason(cluster: Cluster, lb: httpx.Clie
     r.xadd("omnistream:q:batch", {"job": job_id})
     record = wait_state(lb, job_id)
     assert record["state"] == "failed" and record["error"]["code"] == "invalid_payload"
+    # A job whose runs keep dying stops at cluster_max_deliveries (3) with a reason.
+    doomed = "job_" + "1" * 20
+    request = {"task": "text2audio", "inputs": {"prompt": SHORT}, "async_run": True}
+    r.hset(
+        f"omnistream:job:{doomed}",
+        mapping={
+            "id": doomed, "trace_id": "trace_y", "model": "hibari", "task": "text2audio",
+            "mode": "async", "state": "queued", "attempt": "3", "node": "node-gone",
+            "request": json.dumps(request), "enqueued_at_ms": str(time.time() * 1000),
+        },
+    )  # fmt: skip
+    r.xadd("omnistream:q:batch", {"job": doomed})
+    deadline = time.monotonic() + 30
+    while (record := lb.get(f"/v1/jobs/{doomed}").json())["state"] != "failed":
+        assert time.monotonic() < deadline, record["state"]
+        time.sleep(0.1)
+    assert record["error"]["code"] == "max_deliveries", record["error"]
     assert submit(lb) and wait_state(lb, submit(lb))["state"] == "succeeded"  # still working
 
 
@@ -291,6 +309,28 @@ def test_redis_down_then_back(cluster: Cluster, lb: httpx.Client) -> None:
 
 
 # -- faults ----------------------------------------------------------------------------
+
+
+def test_a_hung_node_loses_its_job_and_cannot_write_into_it(
+    cluster: Cluster, lb: httpx.Client
+) -> None:
+    job_id = submit(lb, LONG)
+    hung = cluster.node(wait_started(lb, job_id))
+    assert hung.proc is not None
+    hung.proc.send_signal(signal.SIGSTOP)  # alive, but renews nothing
+    try:
+        survivor = cluster.node(other(cluster, hung.node_id))
+        with httpx.Client(base_url=survivor.http, timeout=60) as b:
+            record = wait_state(b, job_id, timeout=60)
+    finally:
+        hung.proc.send_signal(signal.SIGCONT)
+    assert record["state"] == "succeeded" and record["node"] == survivor.node_id
+    time.sleep(1.5)  # the woken node notices it lost the job; its writes are fenced off
+    again = httpx.get(f"{survivor.http}/v1/jobs/{job_id}").json()
+    assert again["state"] == "succeeded" and again["node"] == survivor.node_id
+    assert [e["seq"] for e in again["events"]] == list(range(len(again["events"])))
+    assert again["events"][-1]["event"] == "job_finished"
+    assert submit(lb) and wait_state(lb, submit(lb))["state"] == "succeeded"
 
 
 def test_sigkill_mid_job_finishes_on_the_other_node(cluster: Cluster, lb: httpx.Client) -> None:
