@@ -567,6 +567,11 @@ class WebRTCAvatarSession:
     # -- ManagedSession -------------------------------------------------------------
 
     @property
+    def model_id(self) -> str:
+        """The avatar model rendering this session (a profile's per-model limit counts it)."""
+        return self.runner.name
+
+    @property
     def units_per_second(self) -> float:
         """Frames per second this session renders (and encodes)."""
         return float(self.fps)
