@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from omnistream.cli import main as cli_main
 from omnistream.omni_api.catalog import GroupsFileError, parse_groups
 from omnistream.omni_api.signing import UrlSigner
 from tests.jobs_helpers import tone
@@ -460,7 +461,11 @@ def test_unfilled_slot_expires_and_groups_file(root: Path) -> None:
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_model_group"
 
 
-def test_groups_file_errors_name_the_entry() -> None:
+def test_groups_file_errors_name_the_entry(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = root / "bad-groups.yaml"
+    bad.write_text("groups:\n  - {id: x, task_types: [text_to_song]}\n")
+    assert cli_main(["serve", "--port", "1", "--omni-groups", str(bad)]) == 2
+    assert "group 'x': unknown task type 'text_to_song'" in capsys.readouterr().err
     with pytest.raises(GroupsFileError, match="unknown task type 'text_to_song'"):
         parse_groups({"groups": [{"id": "x", "task_types": ["text_to_song"]}]})
     with pytest.raises(GroupsFileError, match="a new group needs 'task_types'"):

@@ -175,6 +175,14 @@ def _translate(message: str, task_type: TaskType) -> str:
     return message
 
 
+@dataclass
+class _KeyLock:
+    """Serialises creates that carry the same Idempotency-Key (dropped when unused)."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
 # -- the service ----------------------------------------------------------------------------
 
 
@@ -208,7 +216,7 @@ class TaskService:
         self.retention_s = settings.job_ttl_s
         self._tasks: OrderedDict[str, OmniTask] = OrderedDict()
         self._idempotency: dict[tuple[str, str], str] = {}
-        self._idem_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._idem_locks: dict[tuple[str, str], _KeyLock] = {}
         self._watchers: set[asyncio.Task[None]] = set()
         registry = state.metrics.registry
         self.created_total = Counter(
@@ -297,9 +305,10 @@ class TaskService:
                 f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters.",
             )
         key = (caller.owner, idempotency_key)
-        lock = self._idem_locks.setdefault(key, asyncio.Lock())
+        held = self._idem_locks.setdefault(key, _KeyLock())
+        held.users += 1
         try:
-            async with lock:
+            async with held.lock:  # a retry waits for the first create to finish
                 self._prune()
                 known = self._tasks.get(self._idempotency.get(key, ""))
                 if known is not None:
@@ -314,7 +323,8 @@ class TaskService:
                 self._idempotency[key] = task.id
                 return task, False
         finally:
-            if not lock.locked():
+            held.users -= 1
+            if held.users == 0:
                 self._idem_locks.pop(key, None)
 
     async def _create(
