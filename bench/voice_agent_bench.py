@@ -225,6 +225,36 @@ async def run_level(url: str, speech: dict[str, bytes], n: int, rounds: int,
             "errors": errors, **summarise(results), "raw": results}
 
 
+def loop_lag(address: str) -> dict[str, float]:
+    """The server's event-loop lag histogram (cumulative buckets, count, sum) from /metrics."""
+    text = httpx.get(f"http://{address}/metrics", timeout=10).text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("omnistream_event_loop_lag_seconds_bucket"):
+            le = line.split('le="')[1].split('"')[0]
+            out[le] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("omnistream_event_loop_lag_seconds_count"):
+            out["count"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("omnistream_event_loop_lag_seconds_sum"):
+            out["sum"] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def lag_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """Mean and the bucket holding the p95 of the loop lag during one level."""
+    count = after.get("count", 0) - before.get("count", 0)
+    if count <= 0:
+        return {}
+    mean = (after.get("sum", 0) - before.get("sum", 0)) / count * 1000
+    p95 = None
+    for le in sorted((k for k in after if k not in ("count", "sum")),
+                     key=lambda k: float("inf") if k == "+Inf" else float(k)):
+        if (after[le] - before.get(le, 0)) / count >= 0.95:
+            p95 = le
+            break
+    return {"samples": int(count), "mean_ms": round(mean, 1), "p95_at_most_s": p95}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--conversations", type=int, nargs="+", default=[1, 2, 4, 8, 16])
@@ -251,7 +281,9 @@ def main() -> None:
             asyncio.run(run_level(url, speech, 1, 1, args.silence_ms))  # warm the models
             levels = []
             for n in args.conversations:
+                lag_before = loop_lag(address)
                 level = asyncio.run(run_level(url, speech, n, args.rounds, args.silence_ms))
+                level["server_loop_lag_ms"] = lag_delta(lag_before, loop_lag(address))
                 levels.append(level)
                 v2v = level["client_voice_to_voice_ms"]
                 barge = level["client_barge_in_ms"]
@@ -260,7 +292,7 @@ def main() -> None:
                       f" | cancelled {level['barge_in_cancelled']}/{level['barge_ins']}"
                       f" | errors {len(level['errors'])}", flush=True)
                 print("     server stages p50/p95:", json.dumps(level["server_stages_ms"]),
-                      flush=True)
+                      "loop lag:", json.dumps(level["server_loop_lag_ms"]), flush=True)
     held = [lv["conversations"] for lv in levels
             if lv["client_voice_to_voice_ms"]["p95"] is not None
             and lv["client_voice_to_voice_ms"]["p95"] < 800 and not lv["errors"]]

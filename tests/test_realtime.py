@@ -265,6 +265,29 @@ async def test_function_call_round_trip(agent_server: RunningServer) -> None:
         assert text["text"] == "It is unknown today."
 
 
+async def test_an_audio_item_is_transcribed_for_the_llm(
+    agent_server: RunningServer, speech: dict[str, bytes], fake_llm: FakeLLM
+) -> None:
+    async with _client(agent_server).realtime.connect(model=MODEL) as conn:
+        await conn.recv()
+        await conn.session.update(session={
+            "type": "realtime", "output_modalities": ["text"],
+            "audio": {"input": {"turn_detection": None,
+                                "transcription": {"model": "whisper-1"}}}})
+        await conn.conversation.item.create(item={
+            "type": "message", "role": "user",
+            "content": [{"type": "input_audio",
+                         "audio": base64.b64encode(speech["capital"]).decode()}]})
+        seen: list[dict[str, Any]] = []
+        heard = await _until(conn, "conversation.item.input_audio_transcription.completed",
+                             seen)
+        assert "capital" in heard["transcript"].lower()
+        await conn.response.create()
+        done = await _until(conn, "response.done", seen)
+        assert done["response"]["status"] == "completed"
+        assert "capital" in fake_llm.requests[-1]["messages"][-1]["content"].lower()
+
+
 async def test_protocol_errors_keep_the_socket(agent_server: RunningServer) -> None:
     async with _client(agent_server).realtime.connect(model=MODEL) as conn:
         await conn.recv()

@@ -667,6 +667,7 @@ class VoiceAgentSession:
         future: asyncio.Future[str],
         reuse: asyncio.Future[str] | None,
         timing: TurnTiming,
+        content_index: int = 0,
     ) -> None:
         text = ""
         try:
@@ -689,13 +690,13 @@ class VoiceAgentSession:
                 self.emit({
                     "type": "conversation.item.input_audio_transcription.failed",
                     "item_id": item["id"],
-                    "content_index": 0,
+                    "content_index": content_index,
                     "error": {"type": "transcription_error", "code": "transcription_failed",
                               "message": str(exc), "param": None},
                 })
             return
         timing.transcript_at = time.monotonic()
-        item["content"][0]["transcript"] = text
+        item["content"][content_index]["transcript"] = text
         if not future.done():
             future.set_result(text)
         if self.metrics is not None and timing.committed_at is not None:
@@ -705,12 +706,12 @@ class VoiceAgentSession:
         if self.config.transcribe and item["id"] in self.items:
             self.emit({
                 "type": "conversation.item.input_audio_transcription.delta",
-                "item_id": item["id"], "content_index": 0, "delta": text,
+                "item_id": item["id"], "content_index": content_index, "delta": text,
             })
             self.emit({
                 "type": "conversation.item.input_audio_transcription.completed",
                 "item_id": item["id"],
-                "content_index": 0,
+                "content_index": content_index,
                 "transcript": text,
                 "usage": {"type": "duration", "seconds": round(audio.size / VAD_RATE, 3)},
             })
@@ -740,8 +741,16 @@ class VoiceAgentSession:
             self.emit({"type": "conversation.item.done", "item": item,
                        "previous_item_id": previous})
 
-    def create_item(self, item: dict[str, Any], previous_item_id: str | None = None) -> None:
+    def create_item(
+        self,
+        item: dict[str, Any],
+        previous_item_id: str | None = None,
+        audio: tuple[FloatAudio, int] | None = None,
+    ) -> None:
         """Add a client's item (``conversation.item.create``).
+
+        ``audio`` is the decoded ``input_audio`` of a user message (samples, rate): it is
+        transcribed like a spoken turn, so the LLM reads what it says.
 
         Raises:
             AgentError: the item is malformed, its id exists, or ``previous_item_id`` is
@@ -755,6 +764,14 @@ class VoiceAgentSession:
             raise AgentError("item_not_found", f"previous item {previous_item_id!r} not found",
                              param="previous_item_id")
         self._add_item(checked, previous_item_id or self._last_item_id())
+        index = next((i for i, part in enumerate(checked.get("content") or [])
+                      if part.get("type") == "input_audio" and not part.get("transcript")), None)
+        if audio is not None and index is not None and self.stt is not None:
+            samples = StreamResampler(audio[1], VAD_RATE).process(audio[0], last=True)
+            future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            self._transcripts[checked["id"]] = future
+            self._spawn(self._transcribe_item(checked, samples, future, None, TurnTiming(),
+                                              index), "transcribe")
         if checked["type"] == "function_call_output":
             handle = self._pending_tool_calls.pop(checked["call_id"], None)
             if handle is not None:
@@ -841,7 +858,7 @@ class VoiceAgentSession:
             voice=params.get("voice") or config.voice,
             temperature=params.get("temperature", config.temperature),
             max_output_tokens=params.get("max_output_tokens", config.max_output_tokens),
-            tools=list(params.get("tools") or config.tools),
+            tools=list(params["tools"] if params.get("tools") is not None else config.tools),
             tool_choice=params.get("tool_choice") or config.tool_choice,
             in_conversation=conversation != "none",
             input_items=params.get("input"),

@@ -403,7 +403,8 @@ class RealtimeConnection:
             if previous is not None and not isinstance(previous, str):
                 raise AgentError("invalid_value", "previous_item_id must be a string",
                                  param="previous_item_id")
-            session.create_item(_from_beta_item(message.get("item")), previous)
+            item = _from_beta_item(message.get("item"))
+            session.create_item(item, previous, await self._item_audio(item))
         elif kind == "conversation.item.delete":
             session.delete_item(_string(message, "item_id"))
         elif kind == "conversation.item.retrieve":
@@ -436,6 +437,28 @@ class RealtimeConnection:
                              "missing_required_parameter",
                              f"unknown event type {kind!r}" if isinstance(kind, str)
                              else "event needs a string 'type'", param="type")
+
+    async def _item_audio(self, item: Any) -> tuple[Any, int] | None:
+        """The decoded ``audio`` of a user item's ``input_audio`` part (then dropped from it).
+
+        The conversation keeps the transcript, not the audio: items stay small.
+        """
+        if not isinstance(item, dict) or not isinstance(item.get("content"), list):
+            return None
+        for part in item["content"]:
+            if isinstance(part, dict) and part.get("type") == "input_audio" and "audio" in part:
+                data = part.pop("audio")
+                if not isinstance(data, str):
+                    raise AgentError("invalid_value", "input_audio 'audio' must be base64",
+                                     param="item.content.audio")
+                fmt = self.wire.input_format
+                try:
+                    samples = await ws_common.off_loop(_decode_audio, data, fmt, size=len(data))
+                except ValueError as exc:
+                    raise AgentError("invalid_audio", str(exc),
+                                     param="item.content.audio") from exc
+                return (samples, FORMAT_RATES[fmt]) if samples.size else None
+        return None
 
     async def _append(self, message: dict[str, Any]) -> None:
         audio = message.get("audio")
