@@ -33,6 +33,7 @@ from omnistream.gateway.errors import GatewayError
 from omnistream.gateway.metrics import BREAKER_VALUE, GatewayMetrics
 from omnistream.gateway.providers import (
     AnthropicUpstream,
+    ClientShards,
     Upstream,
     UpstreamFailure,
     WebToolUpstream,
@@ -76,7 +77,7 @@ class Gateway:
         registry: Prometheus registry the gateway's metrics go on (the app's own).
         breaker_failures / breaker_cooldown_s: circuit breaker settings.
         deadline_s: longest one request may take, every fallback included.
-        client: the HTTP client (built here with ``trust_env=True`` when not given).
+        clients: the HTTP clients (built here, honouring proxies, when not given).
     """
 
     def __init__(
@@ -87,18 +88,13 @@ class Gateway:
         breaker_failures: int = 5,
         breaker_cooldown_s: float = 30.0,
         deadline_s: float = 300.0,
-        client: httpx.AsyncClient | None = None,
+        clients: ClientShards | None = None,
     ) -> None:
         self.config = config
         self.deadline_s = deadline_s
-        # One pooled client for every upstream; trust_env honours HTTP(S)_PROXY/NO_PROXY.
-        self.client = client or httpx.AsyncClient(
-            trust_env=True,
-            follow_redirects=False,
-            limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256),
-        )
+        self.clients = clients or ClientShards()
         self.upstreams: dict[str, Upstream] = {
-            name: make_upstream(cfg, self.client) for name, cfg in config.providers.items()
+            name: make_upstream(cfg, self.clients) for name, cfg in config.providers.items()
         }
         self.breakers: dict[str, CircuitBreaker] = {
             name: CircuitBreaker(breaker_failures, breaker_cooldown_s) for name in self.upstreams
@@ -135,7 +131,7 @@ class Gateway:
             self._discovery.cancel()
             with contextlib.suppress(BaseException):
                 await self._discovery
-        await self.client.aclose()
+        await self.clients.aclose()
 
     # -- resolution ----------------------------------------------------------------------
 

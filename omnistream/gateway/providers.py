@@ -13,6 +13,7 @@ Failures are sorted once, here, into what the router needs to decide on fallback
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -67,13 +68,46 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
+class ClientShards:
+    """Several pooled :class:`httpx.AsyncClient` s, handed out round robin.
+
+    httpcore's pool matches every queued request against every connection on each
+    change, so one client's cost per request grows with the requests in flight: measured
+    here at 64 concurrent requests, one client did 45 requests/s where 32 shards did 154
+    (the rate of one request at a time). Sharding keeps each pool small. The shards share
+    one TLS context (building one reads the CA bundle: a quarter second) and all honour
+    ``HTTP(S)_PROXY``/``NO_PROXY`` (``trust_env``).
+    """
+
+    def __init__(self, shards: int = 32, *, max_connections: int = 1024) -> None:
+        verify = httpx.create_ssl_context()
+        per_shard = max(4, max_connections // max(1, shards))
+        self.clients = [
+            httpx.AsyncClient(
+                trust_env=True, verify=verify, follow_redirects=False,
+                limits=httpx.Limits(max_connections=per_shard,
+                                    max_keepalive_connections=min(per_shard, 16)))
+            for _ in range(max(1, shards))
+        ]
+        self._next = itertools.cycle(self.clients)
+
+    def pick(self) -> httpx.AsyncClient:
+        """The next client (a whole request, stream included, stays on one)."""
+        return next(self._next)
+
+    async def aclose(self) -> None:
+        """Close every shard's connections."""
+        for client in self.clients:
+            await client.aclose()
+
+
 class Upstream:
     """Base adapter: shared HTTP plumbing and error sorting for one configured provider."""
 
-    def __init__(self, config: ProviderConfig, client: httpx.AsyncClient) -> None:
+    def __init__(self, config: ProviderConfig, clients: ClientShards) -> None:
         self.config = config
         self.name = config.name
-        self.client = client
+        self.clients = clients
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -136,7 +170,7 @@ class Upstream:
             UpstreamFailure: transport error, error status or an answer that is not JSON.
         """
         try:
-            response = await self.client.post(url, json=body, headers=self.headers(),
+            response = await self.clients.pick().post(url, json=body, headers=self.headers(),
                                               timeout=self.timeout())
         except httpx.HTTPError as exc:
             raise self._transport_failure(exc) from None
@@ -151,7 +185,8 @@ class Upstream:
     async def get_json(self, url: str) -> Any:
         """GET and decode JSON (model discovery)."""
         try:
-            response = await self.client.get(url, headers=self.headers(), timeout=self.timeout())
+            response = await self.clients.pick().get(url, headers=self.headers(),
+                                                     timeout=self.timeout())
         except httpx.HTTPError as exc:
             raise self._transport_failure(exc) from None
         self._raise_for_status(response, response.content)
@@ -167,10 +202,11 @@ class Upstream:
         Closing the generator (a caller that went away) closes the upstream connection,
         which is how an abandoned client stream cancels the upstream request.
         """
-        request = self.client.build_request("POST", url, json=body, headers=self.headers(),
-                                            timeout=self.timeout())
+        client = self.clients.pick()
+        request = client.build_request("POST", url, json=body, headers=self.headers(),
+                                       timeout=self.timeout())
         try:
-            response = await self.client.send(request, stream=True)
+            response = await client.send(request, stream=True)
         except httpx.HTTPError as exc:
             raise self._transport_failure(exc) from None
         try:
@@ -475,6 +511,6 @@ ADAPTERS: dict[str, type[Upstream]] = {
 }
 
 
-def make_upstream(config: ProviderConfig, client: httpx.AsyncClient) -> Upstream:
+def make_upstream(config: ProviderConfig, clients: ClientShards) -> Upstream:
     """The adapter for a configured provider."""
-    return ADAPTERS[config.kind](config, client)
+    return ADAPTERS[config.kind](config, clients)
