@@ -14,7 +14,6 @@ import json
 import os
 import wave
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -362,37 +361,51 @@ async def test_beta_protocol_names_and_g711_output(agent_server: RunningServer) 
         assert np.abs(pcm8k).max() > 1000
 
 
-async def test_transcription_session_needs_no_provider(speech: dict[str, bytes]) -> None:
-    with run_server() as srv:  # no providers file at all
-        client = _client(srv)
-        async with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
-            created = json.loads(await conn.recv_bytes())
-            assert created["session"]["type"] == "transcription"
-            await conn.send({"type": "session.update", "session": {
-                "type": "transcription",
-                "audio": {"input": {"format": {"type": "audio/pcmu"},
-                                    "transcription": {"model": "whisper-1", "language": "en"},
-                                    "turn_detection": VAD}}}})
-            # Telephone audio: G.711 μ-law at 8 kHz.
-            pcm = np.frombuffer(speech["capital"] + SILENCE, dtype="<i2").astype(np.float32)
-            narrow = soxr.resample(pcm / 32768.0, RATE, 8000)
-            ulaw = g711.encode((np.clip(narrow, -1, 1) * 32767).astype("<i2").tobytes(), "ulaw")
-            for i in range(0, len(ulaw), 800):
-                await conn.send({"type": "input_audio_buffer.append",
-                                 "audio": base64.b64encode(ulaw[i : i + 800]).decode()})
-            seen: list[dict[str, Any]] = []
-            done = await _until(
-                conn, "conversation.item.input_audio_transcription.completed", seen)
-            assert "capital" in done["transcript"].lower()
-            assert not any(e["type"].startswith("response.") for e in seen)
-            await conn.send({"type": "response.create", "event_id": "evt_r"})
-            error = await _until(conn, "error", seen)
-            assert error["error"]["event_id"] == "evt_r"
-        # A conversation needs a model the providers file serves: refused at the handshake.
-        with pytest.raises(Exception) as refused:
-            async with client.realtime.connect(model="nobody/nothing") as conn:
-                await conn.recv()
-        assert "404" in str(refused.value)
+KEY = "sk-realtime-test"
+
+
+@pytest.fixture(scope="module")
+def bare_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """No providers file at all, and API keys on."""
+    keys = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys.write_text(KEY + "\n")
+    with run_server(api_key_file=str(keys)) as srv:
+        yield srv
+
+
+async def test_transcription_session_needs_no_provider(
+    bare_server: RunningServer, speech: dict[str, bytes]
+) -> None:
+    srv = bare_server
+    client = AsyncOpenAI(base_url=srv.http + "/v1", api_key=KEY)
+    async with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
+        created = json.loads(await conn.recv_bytes())
+        assert created["session"]["type"] == "transcription"
+        await conn.send({"type": "session.update", "session": {
+            "type": "transcription",
+            "audio": {"input": {"format": {"type": "audio/pcmu"},
+                                "transcription": {"model": "whisper-1", "language": "en"},
+                                "turn_detection": VAD}}}})
+        # Telephone audio: G.711 μ-law at 8 kHz.
+        pcm = np.frombuffer(speech["capital"] + SILENCE, dtype="<i2").astype(np.float32)
+        narrow = soxr.resample(pcm / 32768.0, RATE, 8000)
+        ulaw = g711.encode((np.clip(narrow, -1, 1) * 32767).astype("<i2").tobytes(), "ulaw")
+        for i in range(0, len(ulaw), 800):
+            await conn.send({"type": "input_audio_buffer.append",
+                             "audio": base64.b64encode(ulaw[i : i + 800]).decode()})
+        seen: list[dict[str, Any]] = []
+        done = await _until(
+            conn, "conversation.item.input_audio_transcription.completed", seen)
+        assert "capital" in done["transcript"].lower()
+        assert not any(e["type"].startswith("response.") for e in seen)
+        await conn.send({"type": "response.create", "event_id": "evt_r"})
+        error = await _until(conn, "error", seen)
+        assert error["error"]["event_id"] == "evt_r"
+    # A conversation needs a model the providers file serves: refused at the handshake.
+    with pytest.raises(Exception) as refused:
+        async with client.realtime.connect(model="nobody/nothing") as conn:
+            await conn.recv()
+    assert "404" in str(refused.value)
 
 
 def test_g711_round_trip() -> None:
@@ -402,23 +415,22 @@ def test_g711_round_trip() -> None:
         assert np.max(np.abs(back.astype(int) - tone)) < 12000 * 0.04
 
 
-
-async def test_keys_guard_the_handshake_and_client_secrets_open_it(tmp_path: Path) -> None:
-    keys = tmp_path / "keys.txt"
-    keys.write_text("sk-realtime-test\n")
-    with run_server(api_key_file=str(keys)) as srv:
-        bare = AsyncOpenAI(base_url=srv.http + "/v1", api_key="sk-wrong")
-        with pytest.raises(Exception) as refused:
-            async with bare.realtime.connect(extra_query={"intent": "transcription"}) as conn:
-                await conn.recv()
-        assert "401" in str(refused.value)
-        keyed = AsyncOpenAI(base_url=srv.http + "/v1", api_key="sk-realtime-test")
-        async with keyed.realtime.connect(extra_query={"intent": "transcription"}) as conn:
-            assert (await conn.recv()).type == "session.created"
-        # A browser: a client secret minted with the key, sent as a subprotocol.
-        secret = (await keyed.realtime.client_secrets.create()).value
-        url = srv.ws + "/v1/realtime?intent=transcription"
-        async with websockets.connect(url, subprotocols=[  # type: ignore[list-item]
-            "realtime", f"openai-insecure-api-key.{secret}"]) as ws:
-            assert ws.subprotocol == "realtime"
-            assert json.loads(await ws.recv())["type"] == "session.created"
+async def test_keys_guard_the_handshake_and_client_secrets_open_it(
+    bare_server: RunningServer,
+) -> None:
+    srv = bare_server
+    bare = AsyncOpenAI(base_url=srv.http + "/v1", api_key="sk-wrong")
+    with pytest.raises(Exception) as refused:
+        async with bare.realtime.connect(extra_query={"intent": "transcription"}) as conn:
+            await conn.recv()
+    assert "401" in str(refused.value)
+    keyed = AsyncOpenAI(base_url=srv.http + "/v1", api_key=KEY)
+    async with keyed.realtime.connect(extra_query={"intent": "transcription"}) as conn:
+        assert (await conn.recv()).type == "session.created"
+    # A browser: a client secret minted with the key, sent as a subprotocol.
+    secret = (await keyed.realtime.client_secrets.create()).value
+    url = srv.ws + "/v1/realtime?intent=transcription"
+    async with websockets.connect(url, subprotocols=[  # type: ignore[list-item]
+        "realtime", f"openai-insecure-api-key.{secret}"]) as ws:
+        assert ws.subprotocol == "realtime"
+        assert json.loads(await ws.recv())["type"] == "session.created"
