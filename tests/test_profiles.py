@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from omnistream.cli import main
-from tests.avatar_client import connect, flashtalk_init
+from tests.avatar_client import connect, flashtalk_init, recv_json
 from tests.server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,7 +171,7 @@ def test_manifest_uses_omnirt_field_names(capsys: pytest.CaptureFixture[str]) ->
 @pytest.fixture(scope="module")
 def composition(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """``omnistream serve --profile`` with an avatar port and a text2audio port."""
-    main_port, tts_port, avatar_port = free_port(), free_port(), free_port()
+    main_port, tts_port, avatar_port, w2l_port = (free_port() for _ in range(4))
     folder = tmp_path_factory.mktemp("profile")
     broken = folder / "broken-wav2lip.pth"
     broken.write_bytes(b"not a checkpoint")  # passes the file check, fails to load
@@ -201,6 +201,8 @@ models:
   - id: wav2lip-96
     task: audio2video
     backend: cpu
+    service: realtime-avatar.ws.v1
+    port: {w2l_port}
     degrade_to: omni-avatar-lite
 """
     )
@@ -232,6 +234,7 @@ models:
             "avatar": f"ws://127.0.0.1:{avatar_port}",
             "avatar_http": f"http://127.0.0.1:{avatar_port}",
             "main_ws": f"ws://127.0.0.1:{main_port}",
+            "w2l": f"ws://127.0.0.1:{w2l_port}",
             "probes": probes,
         }
     finally:
@@ -308,14 +311,32 @@ async def test_avatar_port_serves_flashtalk_with_concurrency_one(
 async def test_a_model_that_cannot_load_is_served_by_its_fallback(
     composition: dict[str, Any],
 ) -> None:
-    async with await connect(composition["main_ws"] + "/v1/audio2video/wav2lip-96") as ws:
-        for _ in range(50):  # the avatar port's session may still be closing
-            reply = await flashtalk_init(ws)
-            if reply["type"] == "init_ok":
+    async def init_ok(url: str) -> dict[str, Any]:
+        async with await connect(url) as ws:
+            for _ in range(50):  # an earlier test's session may still be closing
+                reply = await flashtalk_init(ws)
+                if reply["type"] == "init_ok":
+                    return reply
+                await asyncio.sleep(0.05)
+        return reply
+
+    # named on the main port, and as the model of its own port (WS /)
+    for url in (composition["main_ws"] + "/v1/audio2video/wav2lip-96", composition["w2l"] + "/"):
+        reply = await init_ok(url)
+        assert reply["type"] == "init_ok", reply
+        assert reply["model"] == "omni-avatar-lite" and reply["degraded_from"] == "wav2lip-96"
+    # a native session.create without a model gets the port's model too
+    async with await connect(composition["w2l"] + "/v1/avatar/realtime") as ws:
+        for _ in range(50):
+            await ws.send(json.dumps({"type": "session.create"}))
+            created = await recv_json(ws)
+            if created["type"] == "session.created":
                 break
             await asyncio.sleep(0.05)
-        assert reply["type"] == "init_ok"
-        assert reply["model"] == "omni-avatar-lite" and reply["degraded_from"] == "wav2lip-96"
+        assert created["type"] == "session.created", created
+        assert created["model"] == "omni-avatar-lite"
+        assert created["degraded_from"] == "wav2lip-96"
+        await ws.send(json.dumps({"type": "session.close"}))
 
 
 def test_concurrency_bounds_streams_and_jobs_of_a_model(composition: dict[str, Any]) -> None:

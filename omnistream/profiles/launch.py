@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from omnistream.profiles.schema import ModelPlan, ProfileModel, RuntimeProfile, plan_model
+from omnistream.transports.avatar_native import PORT_MODEL_SCOPE_KEY
 
 if TYPE_CHECKING:
     from omnistream.engine.registry import ModelRegistry
@@ -86,9 +87,10 @@ class ModelStatus:
 class AdapterListener:
     """ASGI app of one extra port: the main app, narrowed to one service adapter.
 
-    On a ``realtime-avatar.ws.v1`` port the FlashTalk root socket (``WS /``) and the
-    default-model aliases mean that port's model, so a client pointed at
-    ``ws://host:PORT/`` talks to the model the profile put there.
+    On a ``realtime-avatar.ws.v1`` port the FlashTalk root socket (``WS /``), the
+    default-model aliases and a native ``session.create`` without a model mean that port's
+    model, so a client pointed at ``ws://host:PORT/`` talks to the model the profile put
+    there.
     """
 
     def __init__(
@@ -130,6 +132,9 @@ class AdapterListener:
             rewritten = self._rewrite(path)
             if rewritten != path:
                 scope = dict(scope, path=rewritten, raw_path=rewritten.encode())
+            if self.adapter == "realtime-avatar.ws.v1" and self.model_id is not None:
+                scope = dict(scope)
+                scope[PORT_MODEL_SCOPE_KEY] = self.model_id  # native session.create default
         await self.app(scope, receive, send)
 
 

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 ROUTE = "native"
+#: ASGI scope key a Runtime Profile's avatar listener sets to the model of its port.
+PORT_MODEL_SCOPE_KEY = "omnistream.port_model"
 AUDIO_QUEUE_CHUNKS = 2  # chunks waiting behind the one rendering: back-pressure past this
 
 
@@ -178,7 +180,9 @@ class NativeConnection:
 
     async def on_create(self, request: dict[str, Any]) -> None:
         settings = self.state.settings
-        model_id = request.get("model") or settings.avatar_model
+        # A Runtime Profile's avatar port names its own model (the server default elsewhere).
+        default_model = self.ws.scope.get(PORT_MODEL_SCOPE_KEY) or settings.avatar_model
+        model_id = request.get("model") or default_model
         backend = request.get("backend") or "auto"
         inputs = request.get("inputs")
         config = request.get("config")
@@ -191,7 +195,7 @@ class NativeConnection:
             await self.error("bad_config", "'inputs' and 'config' must be objects.")
             return
         if model_id in settings.avatar_model_aliases:
-            model_id = settings.avatar_model
+            model_id = default_model
         image: bytes | None = None
         if "image_b64" in inputs and inputs["image_b64"] is not None:
             raw = inputs["image_b64"]
