@@ -33,6 +33,7 @@ from omnistream.sessions.avatar import (
 from omnistream.sessions.manager import CapacityExceeded
 from omnistream.transports.state import AppState, ModelAccessError, get_state
 from omnistream.transports.ws_common import (
+    OFFLOAD_BYTES,
     ClientGone,
     client_gone,
     close_quietly,
@@ -94,6 +95,10 @@ class FlashTalkConnection:
             self.session = None
 
     async def on_text(self, text: str) -> None:
+        if len(text) > OFFLOAD_BYTES and client_gone(self.ws):
+            # An init with a reference image from a client that already left (a storm of
+            # aborted connections): parsing and decoding it would only steal live CPU.
+            raise ClientGone()
         request = await off_loop(parse_json, text, size=len(text))
         if request is None:
             await self.error("Invalid JSON", "bad_json")
