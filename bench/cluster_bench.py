@@ -82,14 +82,31 @@ def round_trip(client: httpx.Client, rounds: int) -> list[float]:
     return out
 
 
-def embedded_round_trip(rounds: int) -> list[float]:
+def embedded(rounds: int, cancel_rounds: int) -> tuple[list[float], dict[str, Any]]:
+    """Round trips and cancel latency of one embedded server (the baseline)."""
     sys.path.insert(0, str(ROOT / "bench"))
     from omnistream_server import omnistream_server
 
     with omnistream_server() as (address, _), httpx.Client(
         base_url=f"http://{address}", timeout=60
     ) as client:
-        return round_trip(client, rounds)
+        trips = round_trip(client, rounds)
+        to_stop, to_answer = [], []
+        for _ in range(cancel_rounds):
+            job = submit(client, LONG)
+            wait_started(client, job)
+            time.sleep(0.3)
+            sent = time.time() * 1000.0
+            client.delete(f"/v1/jobs/{job}")
+            to_answer.append(time.time() * 1000.0 - sent)
+            record = wait_end(client, job)
+            stopped = next(e for e in record["events"] if e["event"] == "job_cancelled")
+            to_stop.append(stopped["timestamp_ms"] - sent)
+        cancel = {
+            "request_to_job_cancelled": summary(to_stop),
+            "delete_answered": summary(to_answer),
+        }
+        return trips, cancel
 
 
 def wait_started(client: httpx.Client, job: str) -> str:
@@ -149,14 +166,17 @@ async def chunk_latencies(url: str, chunks: int) -> list[float]:
 
 
 def avatar_ratio(cluster: Cluster, chunks: int) -> dict[str, Any]:
-    direct = asyncio.run(chunk_latencies(cluster.nodes[0].ws + "/", chunks))
-    via = asyncio.run(chunk_latencies(cluster.lb_ws + "/", chunks))
-    direct2 = asyncio.run(chunk_latencies(cluster.nodes[0].ws + "/", chunks))
-    direct_all = direct + direct2
+    """Alternate direct and through-HAProxy sessions (the machine's load drifts)."""
+    direct: list[float] = []
+    via: list[float] = []
+    for _ in range(3):
+        direct += asyncio.run(chunk_latencies(cluster.nodes[0].ws + "/", chunks))
+        via += asyncio.run(chunk_latencies(cluster.lb_ws + "/", chunks))
     return {
-        "direct": summary(direct_all),
+        "direct": summary(direct),
         "haproxy": summary(via),
-        "ratio_median": round(statistics.median(via) / statistics.median(direct_all), 3),
+        "ratio_median": round(statistics.median(via) / statistics.median(direct), 3),
+        "added_median_ms": round(statistics.median(via) - statistics.median(direct), 2),
     }
 
 
@@ -234,9 +254,11 @@ def main() -> int:
             "cores, so the cluster does not add throughput here",
         }
     }
-    print("embedded round trip…", flush=True)
-    results["round_trip_embedded"] = summary(embedded_round_trip(args.rounds))
-    print(results["round_trip_embedded"], flush=True)
+    print("embedded round trip and cancel…", flush=True)
+    trips, cancel = embedded(args.rounds, args.cancel_rounds)
+    results["round_trip_embedded"] = summary(trips)
+    results["cancel_embedded"] = cancel
+    print(results["round_trip_embedded"], cancel, flush=True)
     cluster = make_cluster(
         OMNISTREAM_CLUSTER_LEASE_S=args.lease,
         OMNISTREAM_MAX_SESSIONS="4",

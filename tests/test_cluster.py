@@ -103,6 +103,9 @@ def test_jobs_through_haproxy_run_on_both_nodes(cluster: Cluster, lb: httpx.Clie
     for record in records:
         report = record["result"]["metadata"]
         assert report["worker_id"] == record["node"]
+    listed = {j["id"]: j for j in lb.get("/v1/jobs").json()["data"]}
+    assert all(listed[i]["node"] in ("node-a", "node-b") for i in ids)
+    assert all(listed[i]["request"]["inputs"]["prompt"] == SHORT for i in ids)
     nodes = lb.get("/v1/cluster/nodes").json()["data"]
     assert sorted(n["node_id"] for n in nodes) == ["node-a", "node-b"]
     for entry in nodes:

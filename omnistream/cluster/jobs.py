@@ -73,6 +73,11 @@ WRITE_RETRY_S = 0.5
 CANCEL_WAIT_S = 2.0
 RETRY_AFTER_REDIS_S = 1.0
 HEALTH_CHECK_S = 2.0
+#: Hash fields a job listing reads (not the request's inputs, which may be megabytes).
+LIST_FIELDS: list[str] = [
+    "id", "trace_id", "model", "task", "mode", "state", "node", "owner", "enqueued_at_ms",
+    "started_at_ms", "finished_at_ms", "error", "result", "spans", "request_summary",
+]  # fmt: skip
 CONNECT_TIMEOUT_S = 3.0
 
 # -- Lua: every transition that must be atomic across nodes ------------------------------
@@ -415,6 +420,8 @@ class RedisJobBackend:
         fields = self._record_fields(job)
         fields.update(
             request=job.request.model_dump_json(),
+            # What listings show (long inputs summarised): GET /v1/jobs never reads inputs.
+            request_summary=_dumps(job.record(with_events=False).request),
             task=job.request.task,
             mode=job.mode,
             cls=cls,
@@ -481,8 +488,12 @@ class RedisJobBackend:
             ids = await self.r.zrevrange(self.k_index, 0, self.max_jobs - 1)
             pipe = self.r.pipeline(transaction=False)
             for job_id in ids:
-                pipe.hgetall(self.k_job(str(job_id)))
-            rows = await pipe.execute()
+                pipe.hmget(self.k_job(str(job_id)), LIST_FIELDS)
+            replies = await pipe.execute()
+            rows = [
+                {k: v for k, v in zip(LIST_FIELDS, values, strict=True) if v is not None}
+                for values in replies
+            ]
         except RedisError as exc:
             self.counters.redis_errors += 1
             raise GenerateError(
@@ -577,7 +588,10 @@ class RedisJobBackend:
     def _restore(self, job_id: str, row: dict[str, str], events: list[JobEvent]) -> Job:
         """A Job object from its hash (and events): a mirror, or the run's starting point."""
         try:
-            request = GenerateRequest.model_validate_json(row.get("request", ""))
+            if "request" in row:
+                request = GenerateRequest.model_validate_json(row["request"])
+            else:
+                request = GenerateRequest.model_validate_json(row.get("request_summary", ""))
         except ValidationError:
             request = GenerateRequest.model_construct(
                 task=row.get("task", "text2audio"), model=row.get("model"), inputs={}, config={}
@@ -713,6 +727,7 @@ class RedisJobBackend:
     def _cancel_here(self, job_id: str) -> None:
         for claim in self._claims.values():
             if claim.job_id == job_id and claim.job is not None:
+                log.info("job %s: cancel received; stopping at its next step", job_id)
                 claim.job.request_cancel()
 
     # -- claiming and running ----------------------------------------------------------
