@@ -751,8 +751,8 @@ def draw_band(avatar: PreparedAvatar, pose: Pose) -> RGBFrame:
     """Render the moving band (rows ``y0:y1`` of the frame, full width) for one pose."""
     a = avatar
     hw = a.head_weight
-    map_x = a.grid_x - pose.head_dx * hw
-    map_y = a.grid_y - pose.head_dy * hw
+    map_x = np.asarray(cv2.scaleAdd(hw, -pose.head_dx, a.grid_x), np.float32)
+    map_y = np.asarray(cv2.scaleAdd(hw, -pose.head_dy, a.grid_y), np.float32)
     cavity: tuple[F32, F32, F32, F32] | None = None
     if pose.openness > 0.0 and a.mouth_disp.size:
         cavity = _warp_mouth(a, pose, map_x, map_y)
