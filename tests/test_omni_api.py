@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -30,6 +32,7 @@ from tests.omni_helpers import (
 from tests.server import RunningServer, run_server
 
 SECRET = "omni-test-signing-secret"
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "omni_quickstart.py"
 MAX_UPLOAD = 2_000_000
 HAS_DIFFUSION = all(
     importlib.util.find_spec(m) for m in ("torch", "diffusers", "transformers")
@@ -459,6 +462,15 @@ def test_unfilled_slot_expires_and_groups_file(root: Path) -> None:
         r = c.post("/api/omni/tasks/create", json={"model_group": "omni-stt",
                                                    "task_type": "speech_to_text"})
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_model_group"
+        # The quickstart example finds text_to_speech under its new name and runs it.
+        done = subprocess.run(
+            [sys.executable, str(EXAMPLE), "--base", server.http, "--out", str(root / "out")],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "acme-voice ['text_to_speech']" in done.stdout
+        (wav,) = (root / "out").glob("pt_*-0.wav")
+        assert wav.read_bytes()[:4] == b"RIFF"
 
 
 def test_groups_file_errors_name_the_entry(root: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,7 +16,8 @@ from starlette.responses import JSONResponse, Response
 
 from omnistream.auth import principal_of
 from omnistream.omni_api.errors import OmniError
-from omnistream.omni_api.tasks import TaskService
+from omnistream.omni_api.tasks import CreateTaskBody, TaskService
+from omnistream.transports.request_schemas import json_body
 from omnistream.transports.state import get_state
 
 router = APIRouter()
@@ -56,7 +57,7 @@ async def list_models(request: Request, all: bool = False) -> Response:
     return JSONResponse({"object": "list", "model_groups": groups})
 
 
-@router.post("/api/omni/tasks/create")
+@router.post("/api/omni/tasks/create", openapi_extra=json_body(CreateTaskBody))
 async def create_task(request: Request) -> Response:
     """Create a task: queued at once, or ``awaiting_upload`` with one signed PUT URL per file."""
     service = _service(request)
@@ -119,7 +120,16 @@ async def cancel_task(request: Request, task_id: str) -> Response:
     return await _cancel(request, task_id)
 
 
-@router.put("/api/omni/uploads/{task_id}/{field}")
+#: An upload slot takes the file's raw bytes, of the content type declared at create.
+_RAW_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+@router.put("/api/omni/uploads/{task_id}/{field}", openapi_extra=_RAW_BODY)
 async def upload(request: Request, task_id: str, field: str) -> Response:
     """Fill an upload slot with the raw body (signed URL, no key)."""
     service = _service(request)
