@@ -223,6 +223,46 @@ async def embeddings(gateway: str, quick: bool) -> dict[str, Any]:
     return out
 
 
+def translation_costs() -> dict[str, float]:
+    """Microseconds of pure format translation (no I/O), per request and per chunk."""
+    from omnistream.gateway import translate as tr
+
+    body = {"model": "m", "max_tokens": 100, "system": "be brief",
+            "messages": [{"role": "user", "content": "hello " * 20},
+                         {"role": "assistant", "content": "hi"},
+                         {"role": "user", "content": "weather?"}],
+            "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}]}
+    chat = tr.anthropic_to_openai_request(body)
+    reply = {"choices": [{"message": {"role": "assistant", "content": "hello " * 20},
+                          "finish_reason": "stop"}],
+             "usage": {"prompt_tokens": 10, "completion_tokens": 20}}
+    chunk = tr.chunk("m", "id", 1, {"content": " word"})
+    n = 20000
+
+    def per_call(fn: Any) -> float:
+        started = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return round((time.perf_counter() - started) / n * 1e6, 2)
+
+    def anthropic_stream_chunk() -> None:
+        t = tr.OpenAIToAnthropicStream("m")
+        t.feed(chunk)
+
+    return {
+        "anthropic_request_to_chat_us": per_call(lambda: tr.anthropic_to_openai_request(body)),
+        "chat_to_anthropic_request_us": per_call(
+            lambda: tr.openai_to_anthropic_request(chat, "m")),
+        "chat_to_anthropic_response_us": per_call(
+            lambda: tr.openai_to_anthropic_response(reply, "m")),
+        "chat_to_responses_response_us": per_call(
+            lambda: tr.openai_to_responses_response(reply, "m")),
+        "chunk_to_anthropic_events_us": per_call(anthropic_stream_chunk),
+        "chunk_to_openai_sse_us": per_call(
+            lambda: b"data: " + json.dumps(chunk, separators=(",", ":")).encode()),
+    }
+
+
 def write_markdown(report: dict[str, Any], path: Path) -> None:
     lines = ["# Gateway overhead", "", f"Machine: {report['machine']}; run {report['when']}.",
              f"Command: `{report['command']}`", "",
@@ -239,6 +279,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             lines.append(f"- {key}: {entry['added_ms_per_token_p50']} ms/token, TTFT ratio "
                          f"p50 {entry['ttft']['p50_ratio']}")
     lines += ["", "## Failover", "", "```json", json.dumps(report["failover"], indent=2), "```",
+              "", "## Format translation alone (µs per call, this process)", "", "```json",
+              json.dumps(report["translation_us"], indent=2), "```",
               "", "## Local embeddings (all-MiniLM-L6-v2, numpy, one runner thread)", "",
               "```json", json.dumps(report["embeddings"], indent=2), "```", ""]
     path.write_text("\n".join(lines))
@@ -295,6 +337,7 @@ combos:
                     "overhead": asyncio.run(overhead(fake, gateway, args.quick)),
                     "failover": asyncio.run(failover(gateway, args.quick)),
                     "embeddings": asyncio.run(embeddings(gateway, args.quick)),
+                    "translation_us": translation_costs(),
                 }
     finally:
         for proc in procs:

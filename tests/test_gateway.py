@@ -621,3 +621,24 @@ def test_outbound_calls_honour_http_proxy(fakes: dict[str, FakeUpstream],
         proxy.close()
     assert proxy.seen == [f"POST http://localhost:{fakes['beta'].port}/v1/chat/completions "
                           "HTTP/1.1"]
+
+
+@pytest.mark.parametrize(("text", "line", "words"), [
+    ("providers:\n  a:\n    kind: openai\n    base_url: http://x/v1\n    api_key: sk-1\n",
+     5, "unknown key 'api_key'"),
+    ("providers:\n  a:\n    kind: openai\n    base_url: http://x/v1\n    models: [m]\n"
+     "combos:\n  auto: [a/m, b/m]\n", 7, "unknown provider 'b'"),
+    ("providers:\n  a:\n    kind: openai\n    base_url: http://x/v1\n    models: [m]\n"
+     "aliases:\n  fast: a/other\n", 7, "does not list model 'other'"),
+    ("providers:\n  a:\n    kind: openai\n", 2, "'base_url' is required"),
+    ("providers:\n  a:\n    kind: openai\n    base_url: x\n    timeout_s: soon\n", 4,
+     "http(s) URL"),
+    ("providers:\n  local:\n    kind: openai\n    base_url: http://x\n", 2, "reserved"),
+    ("providers: [\n", 2, "not valid YAML"),
+])
+def test_providers_file_errors_name_the_line(text: str, line: int, words: str) -> None:
+    from omnistream.gateway import ProvidersFileError, parse_providers
+
+    with pytest.raises(ProvidersFileError) as err:
+        parse_providers(text, "p.yaml")
+    assert f"p.yaml:{line}:" in str(err.value) and words in str(err.value)

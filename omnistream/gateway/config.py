@@ -116,7 +116,7 @@ def _string_list(path: str, node: yaml.Node, what: str) -> tuple[str, ...]:
     return tuple(_string(path, item, f"{what}[{i}]") for i, item in enumerate(node.value))
 
 
-def _provider(path: str, name: str, node: yaml.Node) -> ProviderConfig:
+def _provider(path: str, name: str, key_node: yaml.Node, node: yaml.Node) -> ProviderConfig:
     what = f"providers.{name}"
     values: dict[str, yaml.Node] = {}
     for key, value in _mapping(path, node, what):
@@ -125,7 +125,8 @@ def _provider(path: str, name: str, node: yaml.Node) -> ProviderConfig:
             raise _fail(path, key, f"{what}: unknown key '{key.value}' (allowed: {allowed})")
         values[key.value] = value
     if "kind" not in values:
-        raise _fail(path, node, f"{what}: 'kind' is required (one of {', '.join(KINDS)})")
+        raise _fail(path, key_node,
+                    f"{what}: 'kind' is required (one of {', '.join(KINDS)})")
     kind = _string(path, values["kind"], f"{what}.kind")
     if kind not in KINDS:
         raise _fail(path, values["kind"],
@@ -135,7 +136,7 @@ def _provider(path: str, name: str, node: yaml.Node) -> ProviderConfig:
     elif kind in DEFAULT_BASE_URLS:
         base_url = DEFAULT_BASE_URLS[kind]
     else:
-        raise _fail(path, node, f"{what}: 'base_url' is required for kind '{kind}'")
+        raise _fail(path, key_node, f"{what}: 'base_url' is required for kind '{kind}'")
     if not re.match(r"^https?://[^/\s]+", base_url):
         raise _fail(path, values.get("base_url", node),
                     f"{what}.base_url must be an http(s) URL, got '{base_url}'")
@@ -202,7 +203,7 @@ def parse_providers(text: str, path: str = "<providers>") -> GatewayConfig:
                             "'-', '_' or '.'")
             if name in RESERVED:
                 raise _fail(path, key, f"provider name '{name}' is reserved (built in)")
-            providers[name] = _provider(path, name, value)
+            providers[name] = _provider(path, name, key, value)
 
     def check_target(node: yaml.Node, what: str) -> str:
         target = _string(path, node, what)

@@ -200,6 +200,9 @@ class Gateway:
         self.metrics.breaker.labels(name).set(BREAKER_VALUE[str(self.breakers[name].state)])
 
     def _exhausted(self, outcomes: list[tuple[Target, str, float | None, str]]) -> GatewayError:
+        if not outcomes:
+            return GatewayError(504, "deadline_exceeded",
+                                f"No target could be tried within {self.deadline_s:.0f} s")
         kinds = {kind for _, kind, _, _ in outcomes}
         detail = "; ".join(f"{t.id}: {msg}" for t, _, _, msg in outcomes)
         if kinds == {"open"}:
