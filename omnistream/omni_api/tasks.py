@@ -272,7 +272,7 @@ class TaskService:
         cutoff = time.time() - self.retention_s
         done = [t for t in self._tasks.values() if t.terminal]
         expired = [t for t in done if (t.finished_at or 0.0) < cutoff]
-        keep = [t for t in done if t not in expired]
+        keep = [t for t in done if (t.finished_at or 0.0) >= cutoff]  # oldest first
         expired += keep[: max(0, len(self._tasks) - len(expired) - self.max_tasks)]
         for task in expired:
             self._tasks.pop(task.id, None)
