@@ -126,6 +126,24 @@ def test_unknown_fields_are_kept_as_warnings_and_bad_values_are_errors(
     assert any(f"{wrong}:5:" in x and "cannot degrade to itself" in x for x in lines)
 
 
+def test_validation_sees_the_profiles_environment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    weights = tmp_path / "w2l.pth"
+    weights.write_bytes(b"weights")
+    body = "name: lab\nmodels:\n  - id: wav2lip-96\n    task: audio2video\n    backend: cpu\n"
+    bare = tmp_path / "bare.yaml"
+    bare.write_text(body)
+    with_env = tmp_path / "env.yaml"
+    with_env.write_text(body + f"environment:\n  OMNISTREAM_WAV2LIP_96_PATH: '{weights}'\n")
+    code, out, _ = run_cli(capsys, "profile", "validate", str(bare), "--json")
+    assert json.loads(out)["models"][0]["state"] == "unavailable"
+    code, out, _ = run_cli(capsys, "profile", "validate", str(with_env), "--json", "--strict")
+    report = json.loads(out)
+    assert code == 0 and report["models"][0]["state"] == "serve", report
+    assert "OMNISTREAM_WAV2LIP_96_PATH" not in os.environ  # validation exported nothing
+
+
 # -- manifest ----------------------------------------------------------------------------
 
 

@@ -473,7 +473,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     plans: dict[str, ModelPlan] = {}
     if args.profile:
         try:
-            _, findings, plan_list = load_profile(args.profile, registry)
+            tiers = {"model_tiers": args.tier} if args.tier else {}
+            _, findings, plan_list = load_profile(args.profile, **tiers)
         except OSError as exc:
             print(f"{args.profile}: {exc}", file=sys.stderr)
             return 1
@@ -552,9 +553,7 @@ def cmd_profile_validate(args: argparse.Namespace) -> int:
     from omnistream.settings import Settings
 
     try:
-        profile, findings, plans = load_profile(
-            args.path, build_registry(Settings())
-        )
+        profile, findings, plans = load_profile(args.path)  # under its own environment
     except OSError as exc:
         print(f"{args.path}: {exc}", file=sys.stderr)
         return 1

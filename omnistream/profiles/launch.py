@@ -487,12 +487,10 @@ def read_runtime(path: str) -> ProfileRuntime:
     Raises:
         ProfileRefused: the file cannot be read or has errors (the message lists them).
     """
-    from omnistream.models.catalog import build_registry
     from omnistream.profiles.schema import load_profile
-    from omnistream.settings import Settings
 
     try:
-        profile, findings, _ = load_profile(path, build_registry(Settings()))
+        profile, findings, _ = load_profile(path)
     except OSError as exc:
         raise ProfileRefused(f"{path}: {exc}") from exc
     errors = [f for f in findings if f.level == "error"]

@@ -29,6 +29,7 @@ written for another deployment still validates, and ``--strict`` turns those int
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -413,10 +414,29 @@ def check_profile(
     return profile, findings, plans
 
 
+def registry_under(environment: dict[str, str], **overrides: Any) -> ModelRegistry:
+    """The registry this server would build with a profile's ``environment`` applied.
+
+    ``serve --profile`` exports the environment before reading settings, so a model
+    whose weights the environment configures is servable; validation must see the same.
+    The process environment is restored afterwards.
+    """
+    from unittest import mock
+
+    from omnistream.models.catalog import build_registry
+    from omnistream.settings import Settings
+
+    with mock.patch.dict(os.environ, environment):
+        return build_registry(Settings(**overrides))
+
+
 def load_profile(
-    path: str, registry: ModelRegistry
+    path: str, registry: ModelRegistry | None = None, **overrides: Any
 ) -> tuple[RuntimeProfile | None, list[Finding], list[ModelPlan]]:
     """Read and check a profile file; YAML syntax errors come back as located findings.
+
+    Without a ``registry`` the check uses the one this server builds under the profile's
+    ``environment`` (``overrides`` go to its settings, e.g. ``model_tiers``).
 
     Raises:
         OSError: the file cannot be read.
@@ -429,4 +449,9 @@ def load_profile(
         doc = SourceDocument.read(path)
     except yaml.YAMLError as exc:
         return None, [Finding("error", "yaml", parse_error(exc, path))], []
-    return check_profile(doc, registry)
+    if registry is not None:
+        return check_profile(doc, registry)
+    profile, findings, plans = check_profile(doc, registry_under({}, **overrides))
+    if profile is None or not profile.environment:
+        return profile, findings, plans
+    return check_profile(doc, registry_under(profile.env(), **overrides))
