@@ -548,9 +548,7 @@ def cmd_profile_validate(args: argparse.Namespace) -> int:
     Exit 0 when there are no errors (warnings are printed), 1 otherwise. With ``--json``
     the findings and each model's serving plan go to stdout as one object.
     """
-    from omnistream.models.catalog import build_registry
     from omnistream.profiles.schema import load_profile
-    from omnistream.settings import Settings
 
     try:
         profile, findings, plans = load_profile(args.path)  # under its own environment
