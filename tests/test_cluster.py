@@ -142,10 +142,11 @@ def test_any_node_answers_for_a_job_on_another(cluster: Cluster, lb: httpx.Clien
         assert r.status_code == 409 and r.json()["error"]["code"] == "job_finished"
 
 
-def test_files_from_either_node(cluster: Cluster, lb: httpx.Client) -> None:
-    job_id = submit(lb)
-    record = wait_state(lb, job_id)
-    url = record["result"]["outputs"][0]["url"]
+def test_sync_call_and_files_from_either_node(cluster: Cluster, lb: httpx.Client) -> None:
+    r = lb.post("/v1/generate", json={"task": "text2audio", "inputs": {"prompt": SHORT}})
+    assert r.status_code == 200, r.text
+    assert r.json()["metadata"]["worker_id"] in ("node-a", "node-b")
+    url = r.json()["outputs"][0]["url"]
     bodies = []
     for node in cluster.nodes:
         r = httpx.get(node.http + url, timeout=30)
@@ -396,6 +397,9 @@ def test_draining_node_takes_no_new_session_while_its_live_one_finishes(
         assert (await flashtalk_init(fresh))["type"] == "init_ok"
         assert (await aget(b.http + "/healthz")).json()["live_sessions"] == 1
         assert (await aget(a.http + "/healthz")).json()["live_sessions"] == 1
+        async with httpx.AsyncClient(timeout=10) as client:  # nor a WebRTC session
+            offer = await client.post(a.http + "/v1/webrtc/offer", json={"sdp": "x"})
+            assert offer.status_code == 503
         # Directly at the draining node, a handshake is refused for capacity.
         with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
             await connect(a.ws + "/")

@@ -50,6 +50,9 @@ PREFLIGHT_TIMEOUT_S = 3.0
 DRAIN_POLL_S = 0.1
 #: WebSocket paths that are not realtime sessions (job event streams): never gated.
 UNGATED_WS_PREFIXES: tuple[str, ...] = ("/v1/jobs/",)
+#: HTTP routes that open a realtime session (its media then bypasses HAProxy): refused
+#: while the node drains (when full, the node's own admission answers 429 as always).
+SESSION_HTTP_PATHS: frozenset[str] = frozenset({"/v1/webrtc/offer"})
 
 router = APIRouter()
 
@@ -125,7 +128,20 @@ class ClusterNode:
         await asyncio.to_thread(service.artifacts.ensure_dir)  # jobs from any node land here
         await node.backend.open()
         try:
+            holder = await node.registry.node(node.node_id)
+            if (
+                holder is not None
+                and holder.get("url") != node.url
+                and time.time() - float(holder.get("updated_at", 0)) < node.registry.ttl_ms / 1000
+            ):
+                raise ClusterUnavailable(
+                    f"Node id {node.node_id!r} is in use by {holder.get('url')}: give every "
+                    "node its own --node-id."
+                )
             await node.registry.publish()
+        except ClusterUnavailable:
+            await node.backend.aclose()
+            raise
         except Exception as exc:
             await node.backend.aclose()
             raise ClusterUnavailable(f"Redis refused the node registry: {exc}") from exc
@@ -300,6 +316,11 @@ class SessionGate:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("path") in SESSION_HTTP_PATHS:
+            node = _node_of(scope)
+            if node is not None and node.draining:
+                await _refuse_http(send, "node is draining")
+                return
         if scope["type"] != "websocket" or str(scope.get("path", "")).startswith(
             UNGATED_WS_PREFIXES
         ):
@@ -330,11 +351,8 @@ def _node_of(scope: Scope) -> ClusterNode | None:
     return node if isinstance(node, ClusterNode) else None
 
 
-async def _deny(scope: Scope, receive: Receive, send: Send, reason: str) -> None:
-    message = await receive()
-    if message.get("type") != "websocket.connect":
-        return
-    body = json.dumps(
+def _refusal(reason: str) -> bytes:
+    return json.dumps(
         {
             "error": {
                 "code": "capacity_exceeded",
@@ -343,6 +361,29 @@ async def _deny(scope: Scope, receive: Receive, send: Send, reason: str) -> None
             }
         }
     ).encode()
+
+
+async def _refuse_http(send: Send, reason: str) -> None:
+    body = _refusal(reason)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"retry-after", b"5"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _deny(scope: Scope, receive: Receive, send: Send, reason: str) -> None:
+    message = await receive()
+    if message.get("type") != "websocket.connect":
+        return
+    body = _refusal(reason)
     if "websocket.http.response" in scope.get("extensions", {}):
         await send(
             {
