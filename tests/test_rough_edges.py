@@ -137,6 +137,13 @@ def test_unknown_task_names_the_tasks_that_run_here(server: RunningServer) -> No
     assert error["code"] == "invalid_request"
     assert "Value error" not in error["message"]
     assert "'nope'" in error["message"] and "text2audio" in error["message"]
+    assert "text2image" not in error["message"]  # not runnable here: not offered
+    backend = httpx.post(
+        server.http + "/v1/generate",
+        json={"task": "text2audio", "backend": "tpu", "inputs": {"prompt": "Hi."}},
+        timeout=30,
+    ).json()["error"]["message"]
+    assert "Value error" not in backend and "'tpu'" in backend
 
 
 def test_over_long_text_is_400_input_too_long_everywhere(server: RunningServer) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 RUN_REPORT_SCHEMA_VERSION = "1.0.0"
 
@@ -68,14 +69,24 @@ class GenerateRequest(BaseModel):
     @classmethod
     def _known_task(cls, value: str) -> str:
         if value not in TASKS:
-            raise ValueError(f"unknown task {value!r}; tasks: {', '.join(TASKS)}")
+            # A custom error: pydantic would prefix a ValueError's text with "Value error, ".
+            raise PydanticCustomError(
+                "unknown_task",
+                "unknown task '{task}'; known tasks: {tasks} (`omnistream models` and "
+                "GET /v1/models show which run here)",
+                {"task": value, "tasks": ", ".join(TASKS)},
+            )
         return value
 
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, value: str) -> str:
         if value not in BACKENDS:
-            raise ValueError(f"unknown backend {value!r}; backends: {', '.join(BACKENDS)}")
+            raise PydanticCustomError(
+                "unknown_backend",
+                "unknown backend '{backend}'; backends: {backends}",
+                {"backend": value, "backends": ", ".join(BACKENDS)},
+            )
         return value
 
 
