@@ -17,8 +17,10 @@ import httpx
 import pytest
 
 from omnistream.cli import main as cli_main
-from omnistream.omni_api.catalog import GroupsFileError, parse_groups
-from omnistream.omni_api.signing import UrlSigner
+from omnistream.jobs.tasks import TASK_IMPLS
+from omnistream.omni_api.catalog import Catalog, GroupsFileError, parse_groups
+from omnistream.omni_api.signing import SignatureError, UrlSigner
+from omnistream.omni_api.uploads import matches
 from tests.jobs_helpers import tone
 from tests.omni_helpers import (
     KEYS,
@@ -487,3 +489,40 @@ def test_groups_file_errors_name_the_entry(root: Path, capsys: pytest.CaptureFix
     only = parse_groups({"include_defaults": False,
                          "groups": [{"id": "voice", "task_types": ["text_to_speech"]}]})
     assert [g.id for g in only] == ["voice"]
+
+
+def test_upload_bytes_must_be_the_declared_format() -> None:
+    samples = {
+        "image/png": png_bytes(),
+        "image/jpeg": b"\xff\xd8\xff\xe0" + bytes(16),
+        "image/webp": b"RIFF\x00\x00\x00\x00WEBPVP8 ",
+        "audio/wav": tone(0.1),
+        "audio/mpeg": b"ID3\x04" + bytes(16),
+        "audio/flac": b"fLaC" + bytes(16),
+        "audio/ogg": b"OggS" + bytes(16),
+        "audio/webm": b"\x1a\x45\xdf\xa3" + bytes(16),
+        "audio/mp4": b"\x00\x00\x00\x20ftypM4A " + bytes(8),
+    }
+    for declared, data in samples.items():
+        assert matches(declared, data), declared
+        assert matches(f"{declared.upper()}; charset=binary", data)
+        others = [d for d, other in samples.items() if d != declared and not matches(d, data)]
+        assert len(others) == len(samples) - 1, declared
+    assert not matches("image/gif", b"GIF89a")
+    signer = UrlSigner("k")
+    for expires, sig in ((None, "x"), ("12a", "x"), ("9" * 13, "x"), ("1", None)):
+        with pytest.raises(SignatureError) as refused:
+            signer.verify("upload", "pt_1", "audio", expires=expires, sig=sig)
+        assert refused.value.status == 403
+
+
+@needs_diffusion
+def test_single_image_edit_falls_back_to_image_to_image(srv: RunningServer) -> None:
+    # A group narrowed to an SD pipeline (no instruction-edit model) edits as image2image.
+    groups = parse_groups({"include_defaults": False, "groups": [
+        {"id": "sd-only", "task_types": {"single_image_edit": {"models": ["tiny-sd"]}}}]})
+    catalog = Catalog(groups, srv.state.registry, {}, TASK_IMPLS)
+    resolved = catalog.resolve("sd-only", "single_image_edit")
+    assert (resolved.job_task, resolved.model) == ("image2image", "tiny-sd")
+    (group,) = catalog.describe(include_hidden=True)
+    assert group["task_types"][0]["runs_as"] == "image2image"
