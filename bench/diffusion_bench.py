@@ -95,11 +95,15 @@ def build(root: Path, real_size: bool) -> Path:
     return path
 
 
-def direct(path: Path, images: int, steps: int, size: int) -> dict[str, Any]:
-    """Sequential ``__call__`` in this process (after one warm-up image)."""
+def direct_runner(path: Path, steps: int, size: int, threads: int) -> Any:
+    """Sequential ``__call__`` in this process (after one warm-up image), on as many torch
+    threads as the server gives one diffusion call (``OMNISTREAM_DIFFUSION_CPU_THREADS``).
+    Returns ``run(images) -> row``; the pipeline stays loaded between rounds."""
     import torch
     from diffusers import StableDiffusionPipeline
 
+    if threads > 0:
+        torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True,
@@ -111,12 +115,17 @@ def direct(path: Path, images: int, steps: int, size: int) -> dict[str, Any]:
              guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(seed))
 
     one(0)
-    started = time.perf_counter()
-    for seed in range(images):
-        one(seed + 1)
-    elapsed = time.perf_counter() - started
-    return {"images": images, "seconds": round(elapsed, 3),
-            "images_per_s": round(images / elapsed, 3), "device": device}
+
+    def run(images: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        for seed in range(images):
+            one(seed + 1)
+        elapsed = time.perf_counter() - started
+        return {"images": images, "seconds": round(elapsed, 3),
+                "images_per_s": round(images / elapsed, 3), "device": device,
+                "torch_threads": torch.get_num_threads()}
+
+    return run
 
 
 def served(base: str, concurrency: int, images: int, steps: int, size: int) -> dict[str, Any]:
@@ -264,12 +273,17 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=12.0, help="avatar run length")
     parser.add_argument("--real-size", action="store_true", help="SD 1.5-size UNet (GPU)")
     parser.add_argument("--skip-avatars", action="store_true")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for the direct run and the server (CPU)")
     parser.add_argument("--tag", default="")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="interleaved rounds (direct, served x3, avatars alone/beside)")
     args = parser.parse_args()
 
     out: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "python": platform.python_version()},
+                    "python": platform.python_version(),
+                    "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
         "settings": vars(args),
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -277,40 +291,91 @@ def main() -> int:
         path = build(root, args.real_size)
         path.rename(root / "bench-sd")
         path = root / "bench-sd"
-        out["direct"] = direct(path, max(4, args.images // 2), args.steps, args.size)
-        print(f"direct: {out['direct']}", flush=True)
+        run_direct = direct_runner(path, args.steps, args.size, args.threads)
         env = {"OMNISTREAM_MODELS_DIR": str(root), "OMNISTREAM_MAX_RUNNING_JOBS": "8",
-               "OMNISTREAM_ARTIFACTS_DIR": str(Path(tmp) / "artifacts")}
+               "OMNISTREAM_ARTIFACTS_DIR": str(Path(tmp) / "artifacts"),
+               "OMNISTREAM_DIFFUSION_CPU_THREADS": str(args.threads)}
+        rounds: list[dict[str, Any]] = []
         with omnistream_server(**env) as (address, _proc):
             base = f"http://{address}"
             served(base, 1, 1, args.steps, args.size)  # load the model
-            out["served"] = []
-            for concurrency in (1, 4, 8):
-                images = args.images if concurrency > 1 else max(4, args.images // 2)
-                row = served(base, concurrency, images, args.steps, args.size)
-                row["ratio_to_direct"] = round(
-                    row["images_per_s"] / out["direct"]["images_per_s"], 3)
-                out["served"].append(row)
-                print(f"served: {row}", flush=True)
+            for index in range(args.rounds):
+                # Interleaved, so load from elsewhere on a shared machine hits every
+                # configuration alike; the summary takes the median over rounds.
+                row: dict[str, Any] = {"round": index}
+                row["direct"] = run_direct(max(4, args.images // 2))
+                print(f"direct: {row['direct']}", flush=True)
+                row["served"] = []
+                for concurrency in (1, 4, 8):
+                    images = args.images if concurrency > 1 else max(4, args.images // 2)
+                    result = served(base, concurrency, images, args.steps, args.size)
+                    result["ratio_to_direct"] = round(
+                        result["images_per_s"] / row["direct"]["images_per_s"], 3)
+                    row["served"].append(result)
+                    print(f"served: {result}", flush=True)
+                if not args.skip_avatars:
+                    row["avatars"] = [
+                        avatars(address, base, args.seconds, False, 30, args.size),
+                        avatars(address, base, args.seconds, True, 30, args.size),
+                    ]
+                    for result in row["avatars"]:
+                        print(f"avatars: {result}", flush=True)
+                rounds.append(row)
             out["first_progress"] = first_progress(base, args.steps, args.size)
             print(f"first progress: {out['first_progress']}", flush=True)
-            if not args.skip_avatars:
-                out["avatars"] = [
-                    avatars(address, base, args.seconds, False, 30, args.size),
-                    avatars(address, base, args.seconds, True, 30, args.size),
-                ]
-                for row in out["avatars"]:
-                    print(f"avatars: {row}", flush=True)
+        out["rounds"] = rounds
+        out["summary"] = summarise(rounds)
+    out["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     RESULTS.mkdir(exist_ok=True)
     name = f"diffusion{'-' + args.tag if args.tag else ''}.json"
     (RESULTS / name).write_text(json.dumps(out, indent=2) + "\n")
     print(f"\nwrote {RESULTS / name}")
-    print("\n| run | images/s | vs direct | mean batch |\n|---|---|---|---|")
-    print(f"| direct (sequential __call__) | {out['direct']['images_per_s']} | 1.0 | 1 |")
-    for row in out["served"]:
-        print(f"| served, concurrency {row['concurrency']} | {row['images_per_s']} | "
-              f"{row['ratio_to_direct']} | {row['batch_size_mean']} |")
+    print(markdown(out))
     return 0
+
+
+def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the interleaved rounds."""
+    med = statistics.median
+    out: dict[str, Any] = {
+        "direct_images_per_s": med(r["direct"]["images_per_s"] for r in rounds),
+        "served": [],
+    }
+    for position, concurrency in enumerate((1, 4, 8)):
+        rows = [r["served"][position] for r in rounds]
+        out["served"].append({
+            "concurrency": concurrency,
+            "images_per_s": med(x["images_per_s"] for x in rows),
+            "ratio_to_direct": med(x["ratio_to_direct"] for x in rows),
+            "batch_size_mean": med(x["batch_size_mean"] or 0 for x in rows),
+        })
+    if all("avatars" in r for r in rounds):
+        for key, position in (("avatars_alone", 0), ("avatars_beside_job", 1)):
+            rows = [r["avatars"][position] for r in rounds]
+            out[key] = {
+                "p95_ms": med(x["p95_ms"] for x in rows),
+                "p50_ms": med(x["p50_ms"] for x in rows),
+                "late_chunks": sum(x["late_chunks"] for x in rows),
+                "chunks": sum(x["chunks"] for x in rows),
+            }
+    return out
+
+
+def markdown(out: dict[str, Any]) -> str:
+    """The summary as a Markdown table."""
+    s = out["summary"]
+    lines = ["| run | images/s | vs direct | mean batch |", "|---|---|---|---|",
+             f"| direct (sequential __call__) | {s['direct_images_per_s']} | 1.0 | 1 |"]
+    for row in s["served"]:
+        lines.append(f"| served, concurrency {row['concurrency']} | {row['images_per_s']} | "
+                     f"{row['ratio_to_direct']} | {row['batch_size_mean']} |")
+    lines.append(f"\nfirst progress event: p50 {out['first_progress']['p50_ms']} ms")
+    for key in ("avatars_alone", "avatars_beside_job"):
+        if key in s:
+            row = s[key]
+            lines.append(f"{key}: p95 {row['p95_ms']} ms, p50 {row['p50_ms']} ms, "
+                         f"late {row['late_chunks']}/{row['chunks']}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,7 @@ def build_models(root: Path, *, video: bool = True) -> dict[str, Path]:
     )
     paths["tiny-pix2pix"] = root / "tiny-pix2pix"
     pix.save_pretrained(paths["tiny-pix2pix"])
+    paths["tiny-sdxl"] = _sdxl(root, tokenizer, vae)
     if video:
         paths.update(_video_models(root, common))
     broken = root / "not-a-pipeline"
@@ -119,6 +120,52 @@ def build_models(root: Path, *, video: bool = True) -> dict[str, Path]:
     paths["not-a-pipeline"] = broken
     paths["lora"], paths["not_lora"] = _loras(root / "loras", paths["tiny-sd"])
     return paths
+
+
+def _sdxl(root: Path, tokenizer: Any, vae: Any) -> Path:
+    """A tiny SDXL: two text encoders (the second projects a pooled embedding), a UNet
+    conditioned on text and time ids (32 + 6 x 8 = 80 extra inputs), Euler."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(3)
+    config = CLIPTextConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=32, vocab_size=len(tokenizer) + 2, bos_token_id=0,
+        eos_token_id=1, pad_token_id=1, projection_dim=32,
+    )
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64,
+        norm_num_groups=32,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(config),
+        text_encoder_2=CLIPTextModelWithProjection(config),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="scaled_linear",
+            timestep_spacing="leading",
+        ),
+    )
+    path = root / "tiny-sdxl"
+    pipe.save_pretrained(path)
+    return path
 
 
 def _video_models(root: Path, common: dict[str, Any]) -> dict[str, Path]:

@@ -91,6 +91,7 @@ def test_models_dir_pipelines_are_listed_with_their_tasks(client: httpx.Client) 
     data = client.get("/v1/models").json()["data"]
     tasks = {(m["id"], m["task"]) for m in data if m["available"]}
     assert {
+        ("tiny-sdxl", "text2image"),
         ("tiny-sd", "text2image"),
         ("tiny-sd", "image2image"),
         ("tiny-sd", "inpaint"),
@@ -200,8 +201,9 @@ def test_same_seed_same_pixels_and_n_images(client: httpx.Client) -> None:
     assert not np.array_equal(a[0], _pixels(_fetch(client, other["outputs"][0]["url"])))
 
 
-def test_concurrent_requests_share_unet_calls(srv: RunningServer) -> None:
-    body = {"task": "text2image", "model": "tiny-sd", "inputs": {"prompt": "a boat"},
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl"])
+def test_concurrent_requests_share_unet_calls(srv: RunningServer, model: str) -> None:
+    body = {"task": "text2image", "model": model, "inputs": {"prompt": "a boat"},
             "config": {**SIZE, "num_inference_steps": 12}}
     results: list[dict[str, Any]] = []
 
@@ -218,8 +220,43 @@ def test_concurrent_requests_share_unet_calls(srv: RunningServer) -> None:
         t.join(120)
     assert len(results) == 3
     assert max(r["metadata"]["batch_size"] for r in results) >= 2
-    info = srv.state.engine.runtime("tiny-sd")[0]
+    info = srv.state.engine.runtime(model)[0]
     assert info["largest_step_batch_rows"] >= 4  # two requests x (uncond + cond)
+
+
+def test_steps_reproduce_diffusers_and_sharing_a_call_changes_nothing(
+    models: dict[str, Path],
+) -> None:
+    torch = pytest.importorskip("torch")
+    from diffusers import StableDiffusionPipeline
+
+    from omnistream.models.diffusion.discovery import inspect_dir
+    from omnistream.models.diffusion.items import DiffusionJob, FinishItem, StartItem, StepItem
+    from omnistream.models.diffusion.pipeline import DiffusionModel
+
+    model = DiffusionModel(inspect_dir("tiny-sd", models["tiny-sd"]), "cpu", {"nice": 0})
+
+    def job(prompt: str, seed: int) -> DiffusionJob:
+        return DiffusionJob(task="text2image", prompt=prompt, negative_prompt=None, width=64,
+                            height=64, steps=4, guidance_scale=7.5, seed=seed)
+
+    alone, other = job("a cat", 1), job("a dog", 2)
+    model.run_batch([StartItem(alone)])
+    for _ in range(4):
+        model.run_batch([StepItem(alone)])
+    mine = model.run_batch([FinishItem(alone)])[0][0]
+    pipe = StableDiffusionPipeline.from_pretrained(str(models["tiny-sd"]), local_files_only=True)
+    reference = pipe("a cat", width=64, height=64, num_inference_steps=4, guidance_scale=7.5,
+                     generator=torch.Generator().manual_seed(1), output_type="np").images[0]
+    assert np.abs(mine.astype(float) - np.round(reference * 255)).max() <= 1
+    shared = job("a cat", 1)  # the same request, sharing calls with one a step behind
+    model.run_batch([StartItem(shared)])
+    model.run_batch([StartItem(other)])
+    model.run_batch([StepItem(shared)])
+    for _ in range(3):
+        model.run_batch([StepItem(shared), StepItem(other)])
+    together = model.run_batch([FinishItem(shared)])[0][0]
+    assert np.abs(together.astype(int) - mine.astype(int)).max() <= 1  # bit-equal here
 
 
 def test_running_job_is_cancelled_between_steps(client: httpx.Client) -> None:
@@ -383,6 +420,7 @@ def _bad_generate(models: dict[str, Path]) -> list[tuple[dict[str, Any], str]]:
         (t2i | {"config": {"num_images": 50}}, "invalid_config"),
         (t2i | {"config": {"scheduler": "NoSuchScheduler"}}, "invalid_config"),
         (t2i | {"config": {"preset": "ultra"}}, "invalid_config"),
+        (t2i | {"config": {"dtype": "float16"}}, "invalid_config"),  # runs in fp32 on CPU
         (inpaint | {"inputs": {**inpaint["inputs"], "mask": {"path": str(small_mask)}}},
          "invalid_mask"),
         (inpaint | {"inputs": {**inpaint["inputs"], "mask": {"path": str(not_image)}}},
@@ -443,3 +481,51 @@ def test_bad_openai_input_is_a_400_in_openai_shape(
     }
     r = client.post("/v1/images/edits", data={"model": "tiny-sd", "prompt": "x"}, files=files)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_mask", r.text
+
+
+def test_other_tiers_are_403_on_the_openai_routes(models: dict[str, Path]) -> None:
+    with run_server(models_dir=str(models["root"]), model_tiers=["core"]) as server, \
+            httpx.Client(base_url=server.http, timeout=30) as client:
+        r = client.post("/v1/images/generations", json={"model": "tiny-sd", "prompt": "x"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "model_tier_forbidden"
+        r = client.post("/v1/videos", json={"model": "tiny-t2v", "prompt": "x"})
+        assert r.status_code == 403, r.text
+        assert all(m["id"] != "tiny-sd" for m in client.get("/v1/models").json()["data"])
+
+
+# -- settings, precision --------------------------------------------------------------------
+
+
+def test_models_dir_takes_a_path_or_a_json_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    from omnistream.cli import build_parser
+    from omnistream.models.diffusion.discovery import parse_models_dirs
+    from omnistream.settings import Settings
+
+    monkeypatch.setenv("OMNISTREAM_MODELS_DIR", "/models/a")
+    assert parse_models_dirs(Settings().models_dir) == ["/models/a"]
+    monkeypatch.setenv("OMNISTREAM_MODELS_DIR", '["/models/a", "/models/b"]')
+    assert parse_models_dirs(Settings().models_dir) == ["/models/a", "/models/b"]
+    args = build_parser().parse_args(["serve", "--models-dir", "/x", "--models-dir", "/y"])
+    assert args.models_dir == ["/x", "/y"]
+
+
+def test_precision_is_fp32_on_cpu_and_half_on_gpu(models: dict[str, Path]) -> None:
+    torch = pytest.importorskip("torch")
+    from omnistream.models.diffusion.discovery import inspect_dir
+    from omnistream.models.diffusion.items import DiffusionJob, FinishItem, StartItem, StepItem
+    from omnistream.models.diffusion.pipeline import DiffusionModel, pick_dtype
+
+    assert pick_dtype("cpu", None) == torch.float32
+    if not torch.cuda.is_available():
+        pytest.skip("bf16/fp16 and VAE tiling need a CUDA device")
+    model = DiffusionModel(inspect_dir("tiny-sd", models["tiny-sd"]), "cuda", {})
+    info = model.info()
+    assert info["dtype"] in ("bfloat16", "float16") and info["vae_tiling"]
+    job = DiffusionJob(task="text2image", prompt="a cat", negative_prompt=None, width=64,
+                       height=64, steps=2, guidance_scale=7.5, seed=1)
+    model.run_batch([StartItem(job)])
+    model.run_batch([StepItem(job)])
+    model.run_batch([StepItem(job)])
+    pixels = model.run_batch([FinishItem(job)])[0]
+    assert pixels.shape == (1, 64, 64, 3)
+    assert model.info()["peak_device_bytes"] > 0

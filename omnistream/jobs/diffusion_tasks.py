@@ -209,6 +209,24 @@ def _image(
     return decode_image_input(media.data, name, limits)
 
 
+def _running_dtype(spec: Any, backend: str) -> str:
+    """The dtype the model's runner holds its weights in for this backend."""
+    from omnistream.engine.devices import pick_device
+
+    configured = str(spec.capabilities.get("dtype") or "auto")
+    if configured != "auto":
+        return configured
+    try:
+        device = pick_device(backend, spec.devices)
+    except ValueError:
+        device = "cpu"
+    if device == "cpu":
+        return "float32"
+    import torch
+
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+
 def _turbo(spec: Any) -> bool:
     text = f"{spec.id} {spec.capabilities.get('path', '')}".lower()
     return "turbo" in text or "lightning" in text or "schnell" in text
@@ -298,17 +316,17 @@ def prepare_diffusion(
             )
     dtype = _value(request, "dtype")
     if dtype is not None:
-        configured = str(spec.capabilities.get("dtype") or "auto")
         if dtype not in DTYPES:
             raise GenerateError(
                 400, "invalid_config", f"'dtype' must be one of {', '.join(DTYPES)}."
             )
-        if dtype != "auto" and configured != "auto" and dtype != configured:
+        running = _running_dtype(spec, request.backend)
+        if dtype != "auto" and dtype != running:
             raise GenerateError(
                 400,
                 "invalid_config",
-                f"Model {spec.id} runs in {configured} on this server (OMNISTREAM_DIFFUSION_DTYPE);"
-                " send dtype 'auto' or that one.",
+                f"Model {spec.id} runs in {running} here (OMNISTREAM_DIFFUSION_DTYPE and the "
+                "device decide it, for every request alike); send dtype 'auto' or that one.",
             )
     strength = _float(request, "strength", 0.75 if task == "image2image" else 1.0, 0.01, 1.0)
     extra: dict[str, Any] = {}

@@ -141,7 +141,22 @@ async def submit_owned(
     mode: str,
     owner: str,
 ) -> Job:
-    """Submit a job recording its owner, whichever way the job service takes one."""
+    """Submit a job recording its owner, whichever way the job service takes one.
+
+    A named model outside the server's tiers is a 403 before anything else (the task
+    may look unavailable only because that model is hidden).
+    """
+    if body.model is not None:
+        registry = service.state.registry
+        spec = registry.get(body.model)
+        if spec is not None and not registry.allowed(spec):
+            allowed = ", ".join(sorted(registry.allowed_tiers))
+            raise GenerateError(
+                403,
+                "model_tier_forbidden",
+                f"Model '{body.model}' is tier '{spec.tier}', not in this server's allowed "
+                f"tiers ({allowed}).",
+            )
     if "owner" in inspect.signature(service.submit).parameters:
         job = await service.submit(body, uploads, mode=mode, owner=owner)  # type: ignore[call-arg]
     else:

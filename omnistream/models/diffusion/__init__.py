@@ -25,7 +25,7 @@ INSTALL_HINT = "pip install 'omnistream[diffusion]'"
 
 _SUMMARIES = {
     "sd": "Stable Diffusion pipeline from {path}; denoising steps batched across requests.",
-    "sdxl": "Stable Diffusion XL pipeline from {path}.",
+    "sdxl": "Stable Diffusion XL pipeline from {path}; denoising steps batched across requests.",
     "call": "{cls} from {path}; one step per work item.",
 }
 
@@ -109,7 +109,7 @@ def _spec(pdir: PipelineDir, settings: Any) -> ModelSpec:
             "unet_in_channels": pdir.unet_in_channels,
             "license": pdir.license or None,
             "batching": "denoising steps of requests with the same size share one UNet call"
-            if pdir.family == "sd"
+            if pdir.family in ("sd", "sdxl")
             else "one request per step (the pipeline's own __call__)",
             "omnirt_id": pdir.id in OMNIRT_IDS,
             # A request naming a directory that holds no usable pipeline is the

@@ -54,6 +54,8 @@ class DiffusionJob:
     rows: int = 1
     latents: Any = None
     embeds: Any = None
+    text_embeds: Any = None
+    time_ids: Any = None
     sched: Any = None
     timesteps: Any = None
     generator: Any = None

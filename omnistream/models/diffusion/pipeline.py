@@ -49,6 +49,8 @@ from omnistream.models.diffusion.items import (
 
 log = logging.getLogger(__name__)
 
+#: SDXL classes whose steps run batched here (the base pipeline's conditioning).
+BATCHED_SDXL = frozenset({"StableDiffusionXLPipeline"})
 #: Upper bound of one shared UNet call, in latent rows (a CFG request of n images is 2n).
 DEFAULT_MAX_ROWS = 16
 #: How long the runner holds a step batch open for requests expected to join it.
@@ -216,7 +218,10 @@ class DiffusionModel(BatchModel[Any, Any]):
         if self.vae_tiling and vae is not None and hasattr(vae, "enable_tiling"):
             vae.enable_tiling()
         self.pipe = pipe
-        self.family = pdir.family if type(pipe).__name__ == pdir.class_name else "call"
+        name = type(pipe).__name__
+        self.family = pdir.family if name == pdir.class_name else "call"
+        if self.family == "sdxl" and name not in BATCHED_SDXL:
+            self.family = "call"  # refiners and the XL img2img/inpaint classes: own __call__
         self.load_ms = (time.perf_counter() - started) * 1000.0
         self._lock = threading.Lock()
         self._active: set[int] = set()
@@ -239,7 +244,7 @@ class DiffusionModel(BatchModel[Any, Any]):
             "dtype": str(self.dtype).replace("torch.", ""),
             "vae_tiling": self.vae_tiling,
             "cpu_threads": self.threads or None,
-            "batched_steps": self.family == "sd",
+            "batched_steps": self.family in ("sd", "sdxl"),
             "largest_step_batch_rows": self.peak_rows,
             "load_ms": round(self.load_ms, 1),
         }
@@ -322,7 +327,7 @@ class DiffusionModel(BatchModel[Any, Any]):
         if job.closed:
             raise DriverAborted("closed")
         self._use_adapters(job)
-        if self.family == "sd" and job.task in ("text2image", "image2image", "inpaint"):
+        if self.family in ("sd", "sdxl") and job.task in ("text2image", "image2image", "inpaint"):
             self._start_sd(job)
         else:
             self._start_call(job)
@@ -379,10 +384,13 @@ class DiffusionModel(BatchModel[Any, Any]):
         device = self.device
         job.cfg = job.guidance_scale > 1.0
         n = job.num_images
-        positive, negative = pipe.encode_prompt(
-            job.prompt, device, n, job.cfg, job.negative_prompt or None
-        )
-        job.embeds = torch.cat([negative, positive]) if job.cfg else positive
+        if self.family == "sdxl":
+            self._encode_xl(job)
+        else:
+            positive, negative = pipe.encode_prompt(
+                job.prompt, device, n, job.cfg, job.negative_prompt or None
+            )
+            job.embeds = torch.cat([negative, positive]) if job.cfg else positive
         sched = self._scheduler(job)
         sched.set_timesteps(job.steps, device=device)
         timesteps = sched.timesteps
@@ -436,6 +444,34 @@ class DiffusionModel(BatchModel[Any, Any]):
         job.rows = n * (2 if job.cfg else 1)
         job.key = ("step", shape[1:], nine, job.adapters)
 
+    def _encode_xl(self, job: DiffusionJob) -> None:
+        """SDXL's two text encoders, pooled embeddings and size conditioning, per row."""
+        import torch
+
+        pipe = self.pipe
+        n = job.num_images
+        positive, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=job.prompt,
+            device=self.device,
+            num_images_per_prompt=n,
+            do_classifier_free_guidance=job.cfg,
+            negative_prompt=job.negative_prompt or None,
+        )
+        encoder_2 = getattr(pipe, "text_encoder_2", None)
+        projection = (
+            int(encoder_2.config.projection_dim) if encoder_2 is not None else int(pooled.shape[-1])
+        )
+        size = (job.height, job.width)
+        time_ids = pipe._get_add_time_ids(
+            size, (0, 0), size, dtype=positive.dtype, text_encoder_projection_dim=projection
+        ).to(self.device).repeat(n, 1)
+        if job.cfg:
+            job.embeds = torch.cat([negative, positive])
+            job.text_embeds = torch.cat([negative_pooled, pooled])
+            job.time_ids = torch.cat([time_ids, time_ids])
+        else:
+            job.embeds, job.text_embeds, job.time_ids = positive, pooled, time_ids
+
     @staticmethod
     def _to_tensor(image: npt.NDArray[np.uint8], width: int, height: int) -> Any:
         import torch
@@ -453,7 +489,7 @@ class DiffusionModel(BatchModel[Any, Any]):
 
         unet = self.pipe.unet
         self._use_adapters(jobs[0])
-        inputs, times, embeds = [], [], []
+        inputs, times, embeds, pooled, time_ids = [], [], [], [], []
         live: list[DiffusionJob] = []
         results: list[Any] = [None] * len(jobs)
         for index, job in enumerate(jobs):
@@ -476,16 +512,26 @@ class DiffusionModel(BatchModel[Any, Any]):
             inputs.append(x)
             times.append(torch.full((x.shape[0],), float(t), device=x.device))
             embeds.append(job.embeds)
+            if job.text_embeds is not None:
+                pooled.append(job.text_embeds)
+                time_ids.append(job.time_ids)
             live.append(job)
         if not live:
             return results
         rows = torch.cat(inputs).to(unet.dtype)
         self.peak_rows = max(self.peak_rows, int(rows.shape[0]))
+        extra: dict[str, Any] = {}
+        if pooled:  # SDXL: pooled text and size conditioning ride along per row
+            extra["added_cond_kwargs"] = {
+                "text_embeds": torch.cat(pooled).to(unet.dtype),
+                "time_ids": torch.cat(time_ids).to(unet.dtype),
+            }
         predicted = unet(
             rows,
             torch.cat(times),
             encoder_hidden_states=torch.cat(embeds).to(unet.dtype),
             return_dict=False,
+            **extra,
         )[0].float()
         offset = 0
         for job in live:
