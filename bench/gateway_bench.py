@@ -59,20 +59,54 @@ def summary(ms: list[float]) -> dict[str, float]:
             "mean_ms": round(statistics.fmean(ms), 3), "n": len(ms)}
 
 
+class Samples:
+    """Latencies (and stream TTFT and chunk counts) gathered over several rounds."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.ttfts: list[float] = []
+        self.chunks: list[int] = []
+        self.errors = 0
+        self.wall = 0.0
+
+    def result(self, stream: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {"latency": summary(self.latencies),
+                               "throughput_rps": round(len(self.latencies) / self.wall, 1),
+                               "transport_errors": self.errors}
+        if stream:
+            out["ttft"] = summary(self.ttfts)
+            out["chunks_per_stream"] = round(statistics.fmean(self.chunks), 1)
+        return out
+
+
 async def run_load(client: httpx.AsyncClient, url: str, body: dict[str, Any],
-                   concurrency: int, total: int, stream: bool) -> dict[str, Any]:
-    """``total`` requests from ``concurrency`` workers; latency (and TTFT for streams)."""
-    latencies: list[float] = []
-    ttfts: list[float] = []
-    chunks_seen: list[int] = []
+                   concurrency: int, total: int, stream: bool, samples: Samples) -> None:
+    """``total`` requests from ``concurrency`` workers, timed into ``samples``."""
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(total):
         queue.put_nowait(i)
 
-    errors = 0
+    async def one() -> None:
+        started = time.perf_counter()
+        if not stream:
+            r = await client.post(url, json=body)
+            r.raise_for_status()
+            samples.latencies.append((time.perf_counter() - started) * 1000)
+            return
+        first = None
+        count = 0
+        async with client.stream("POST", url, json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    count += 1
+                    if first is None:
+                        first = time.perf_counter()
+        samples.latencies.append((time.perf_counter() - started) * 1000)
+        samples.ttfts.append(((first or time.perf_counter()) - started) * 1000)
+        samples.chunks.append(count)
 
     async def worker() -> None:
-        nonlocal errors
         while True:
             try:
                 queue.get_nowait()
@@ -81,41 +115,13 @@ async def run_load(client: httpx.AsyncClient, url: str, body: dict[str, Any],
             try:
                 await one()
             except httpx.TransportError:
-                # A keep-alive connection the server closed as it was reused: count it,
-                # the request is not timed.
-                errors += 1
-
-    async def one() -> None:
-        if True:
-            started = time.perf_counter()
-            if not stream:
-                r = await client.post(url, json=body)
-                r.raise_for_status()
-                latencies.append((time.perf_counter() - started) * 1000)
-                return
-            first = None
-            count = 0
-            async with client.stream("POST", url, json=body) as r:
-                r.raise_for_status()
-                async for line in r.aiter_lines():
-                    if line.startswith("data: ") and line != "data: [DONE]":
-                        count += 1
-                        if first is None:
-                            first = time.perf_counter()
-            latencies.append((time.perf_counter() - started) * 1000)
-            ttfts.append(((first or time.perf_counter()) - started) * 1000)
-            chunks_seen.append(count)
+                # A keep-alive connection the server closed as it was reused: counted,
+                # not timed.
+                samples.errors += 1
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = time.perf_counter() - started
-    out: dict[str, Any] = {"latency": summary(latencies),
-                           "throughput_rps": round(len(latencies) / wall, 1),
-                           "transport_errors": errors}
-    if stream:
-        out["ttft"] = summary(ttfts)
-        out["chunks_per_stream"] = round(statistics.fmean(chunks_seen), 1)
-    return out
+    samples.wall += time.perf_counter() - started
 
 
 def ratio(gw: dict[str, Any], direct: dict[str, Any], key: str = "latency") -> dict[str, float]:
@@ -127,32 +133,35 @@ def ratio(gw: dict[str, Any], direct: dict[str, Any], key: str = "latency") -> d
 
 
 async def overhead(fake: str, gateway: str, quick: bool) -> dict[str, Any]:
+    """Direct and gateway requests in alternating rounds, so load changes on this shared
+    machine hit both sides alike."""
     prompt = " ".join(f"w{i}" for i in range(STREAM_WORDS))
     messages = [{"role": "user", "content": prompt}]
     results: dict[str, Any] = {}
     limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
+    rounds = 3 if quick else 10
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
         for stream in (False, True):
-            for concurrency, total in ((1, 60 if quick else 300), (64, 256 if quick else 1280)):
+            for concurrency, per_round in ((1, 20), (64, 128)):
                 key = f"{'stream' if stream else 'request'}_c{concurrency}"
                 body = {"messages": messages, "stream": stream}
-                # warm both paths (connections, the gateway's lazy setup)
-                for base, model in ((fake, "fake-chat"), (gateway, "alpha/fake-chat")):
-                    await run_load(client, f"{base}/v1/chat/completions",
-                                   {**body, "model": model}, 4, 8, stream)
-                direct = await run_load(client, f"{fake}/v1/chat/completions",
-                                        {**body, "model": "fake-chat"}, concurrency, total,
-                                        stream)
-                via = await run_load(client, f"{gateway}/v1/chat/completions",
-                                     {**body, "model": "alpha/fake-chat"}, concurrency,
-                                     total, stream)
-                entry: dict[str, Any] = {"direct": direct, "gateway": via,
-                                         "latency": ratio(via, direct)}
+                paths = ((f"{fake}/v1/chat/completions", {**body, "model": "fake-chat"}),
+                         (f"{gateway}/v1/chat/completions",
+                          {**body, "model": "alpha/fake-chat"}))
+                for url, payload in paths:  # warm connections and lazy setup
+                    await run_load(client, url, payload, 4, 8, stream, Samples())
+                direct, via = Samples(), Samples()
+                for _ in range(rounds):
+                    for (url, payload), samples in zip(paths, (direct, via), strict=True):
+                        await run_load(client, url, payload, concurrency, per_round, stream,
+                                       samples)
+                d, g = direct.result(stream), via.result(stream)
+                entry: dict[str, Any] = {"direct": d, "gateway": g, "latency": ratio(g, d)}
                 if stream:
-                    entry["ttft"] = ratio(via, direct, "ttft")
-                    tokens = direct["chunks_per_stream"]
+                    entry["ttft"] = ratio(g, d, "ttft")
+                    tokens = d["chunks_per_stream"]
                     entry["added_ms_per_token_p50"] = round(
-                        (via["latency"]["p50_ms"] - direct["latency"]["p50_ms"]) / tokens, 4)
+                        (g["latency"]["p50_ms"] - d["latency"]["p50_ms"]) / tokens, 4)
                 results[key] = entry
                 print(key, json.dumps(entry["latency"]), flush=True)
     return results

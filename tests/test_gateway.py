@@ -292,6 +292,14 @@ def test_ollama_chat_both_ways(http: httpx.Client) -> None:
         lines = [json.loads(line) for line in r.iter_lines() if line]
     assert "".join(x["message"]["content"] for x in lines) == "claude: yo"
     assert lines[-1]["done"] is True and not any(x["done"] for x in lines[:-1])
+    for path in ("/v1/api/chat", "/api/v1/api/chat"):
+        r = http.post(path, json={"model": "llama/llama3", "stream": False,
+                                  "messages": [{"role": "user", "content": "yo"}]})
+        assert r.json()["message"]["content"] == "llama: yo"
+    r = http.post("/api/v1/providers/claude/chat/completions",
+                  json={"model": "claude-fake", "messages": [{"role": "user", "content": "p"}]})
+    assert r.json()["choices"][0]["message"]["content"] == "claude: p"
+    assert r.json()["model"] == "claude/claude-fake"
 
 
 # -- local embeddings and rerank --------------------------------------------------------------
