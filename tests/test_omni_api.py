@@ -190,7 +190,7 @@ def test_quickstart_image_tasks_with_curl(srv: RunningServer, client: httpx.Clie
     assert done["model"] == "tiny-pix2pix"
 
 
-def test_tts_task_end_to_end_with_curl(srv: RunningServer, client: httpx.Client) -> None:
+def test_tts_and_stt_tasks_end_to_end(srv: RunningServer, client: httpx.Client) -> None:
     status, created = curl_json(
         "-X", "POST", f"{srv.http}/api/omni/tasks/create",
         "-H", f"Authorization: Bearer {KEYS['alice']}", "-H", "Content-Type: application/json",
@@ -205,6 +205,21 @@ def test_tts_task_end_to_end_with_curl(srv: RunningServer, client: httpx.Client)
     assert out["kind"] == "audio" and out["mime"] == "audio/wav" and 0.5 < out["duration_s"] < 5
     status, wav = curl(out["url"])
     assert status == 200 and wav[:4] == b"RIFF" and wav[8:12] == b"WAVE"
+    # And back: the speech through speech_to_text gives the words as text.
+    r = _create(client, "alice", {
+        "model_group": "omni-stt", "task_type": "speech_to_text",
+        "input": {"language": "en", "prompt": "task API"},
+        "files_to_upload": [{"field": "audio", "filename": "hello.wav",
+                             "content_type": "audio/wav"}]})
+    assert r.status_code == 200, r.text
+    put = httpx.put(r.json()["uploads"][0]["upload_url"], content=wav,
+                    headers={"Content-Type": "audio/wav"})
+    assert put.status_code == 200, put.text
+    heard = poll(client, r.json()["portal_task_id"], bearer("alice"))
+    assert heard["status"] == "succeeded", heard
+    (text,) = heard["outputs"]
+    assert text["kind"] == "text" and text["mime"] == "application/json"
+    assert "hello" in text["text"].lower()
 
 
 def test_avatar_task_end_to_end(srv: RunningServer, client: httpx.Client, root: Path) -> None:
