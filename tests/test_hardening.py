@@ -205,7 +205,7 @@ async def test_healthy_session_keeps_working_through_an_abort_storm() -> None:
 # -- a bounded schemathesis pass over /openapi.json: no request gets a 5xx ---------------
 
 FUZZ_EXAMPLES = 5  # per operation and generation mode (valid bodies, then invalid ones)
-FUZZ_BUDGET_S = 30.0  # operations not reached by then are reported as skipped, not failed
+FUZZ_BUDGET_S = 25.0  # operations not reached by then are reported as skipped, not failed
 #: 503 is a documented answer (a model or provider this server cannot run right now);
 #: every other 5xx is a bug.
 ALLOWED_5XX = frozenset({503})
@@ -220,6 +220,9 @@ def test_openapi_fuzz_gets_no_server_errors() -> None:
         calls = 0
         deadline = time.monotonic() + FUZZ_BUDGET_S
         operations = [result.ok() for result in schema.get_all_operations()]
+        # The routes whose bodies this project declares first, so a slow machine that runs
+        # out of budget skips others' routes, not these.
+        operations.sort(key=lambda op: not _ours(op))
         undeclared = [
             op.label
             for op in operations
