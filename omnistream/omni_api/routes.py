@@ -19,6 +19,7 @@ from omnistream.omni_api.errors import OmniError
 from omnistream.omni_api.tasks import CreateTaskBody, TaskService
 from omnistream.transports.request_schemas import json_body
 from omnistream.transports.state import get_state
+from omnistream.transports.ws_common import off_loop
 
 router = APIRouter()
 
@@ -73,8 +74,8 @@ async def create_task(request: Request) -> Response:
         if len(raw) > MAX_CREATE_BODY_BYTES:
             raise OmniError(413, "request_too_large", "The create body is too large.")
         try:
-            body: Any = json.loads(raw or b"null")
-        except ValueError as exc:
+            body: Any = await off_loop(json.loads, raw or b"null", size=len(raw))
+        except (ValueError, RecursionError) as exc:
             raise OmniError(400, "invalid_json", "The body is not valid JSON.") from exc
         task, replayed = await service.create(
             principal_of(request), body, request.headers.get("idempotency-key")
