@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import websockets
 from starlette.routing import WebSocketRoute
+from websockets.exceptions import InvalidStatus
 
 from omnistream.codecs.framing import decode_video
 from tests.avatar_client import connect, flashtalk_init, recv_json, ref_image_b64, speech_like
@@ -182,7 +182,7 @@ def test_tier_policy_on_openai_and_service_routes(core_server: RunningServer) ->
 
 
 async def test_tier_policy_on_avatar_websockets(core_server: RunningServer) -> None:
-    with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+    with pytest.raises(InvalidStatus) as refused:
         await connect(f"{core_server.ws}/v1/audio2video/wav2lip-96")
     assert refused.value.response.status_code == 403
     async with await connect(f"{core_server.ws}/v1/avatar/realtime") as ws:
@@ -199,7 +199,7 @@ async def test_tier_policy_on_realtime(core_server: RunningServer) -> None:
         async with await connect(f"{core_server.ws}/v1/realtime") as ws:
             first = await recv_json(ws)
             assert first["type"] == "session.created"
-    except websockets.exceptions.InvalidStatus as refused:
+    except InvalidStatus as refused:
         assert refused.response.status_code == 403
     assert core_server.state.engine.runtime("espeak-ng") == []
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.exceptions import InvalidStatus
 
 from omnistream.cli import main
 from tests.avatar_client import connect, flashtalk_init, recv_json
@@ -300,6 +301,14 @@ def test_text2audio_port_serves_its_adapter_only(composition: dict[str, Any]) ->
     r = httpx.post(tts + "/v1/generate", json={"task": "text2audio", "inputs": {"prompt": "x"}})
     assert r.status_code == 404 and "text2audio.service.v1" in r.json()["detail"]
     assert httpx.get(tts + "/readyz").status_code == 200
+
+
+async def test_a_port_refuses_sockets_of_other_adapters(composition: dict[str, Any]) -> None:
+    tts_ws = composition["tts"].replace("http://", "ws://")
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(tts_ws + "/v1/avatar/realtime")
+    assert refused.value.response.status_code == 404
+    assert b"text2audio.service.v1" in refused.value.response.body
 
 
 async def test_avatar_port_serves_flashtalk_with_concurrency_one(
