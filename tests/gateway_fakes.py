@@ -270,6 +270,9 @@ def build_app(fake: FakeUpstream) -> Starlette:
             yield event("content_block_delta", {"type": "content_block_delta", "index": 0,
                                                 "delta": {"type": "thinking_delta",
                                                           "thinking": "hmm"}})
+            yield event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                "delta": {"type": "signature_delta",
+                                                          "signature": "sig"}})
             yield event("content_block_stop", {"type": "content_block_stop", "index": 0})
             if tool:
                 yield event("content_block_start", {"type": "content_block_start", "index": 1,
@@ -339,6 +342,15 @@ def build_app(fake: FakeUpstream) -> Starlette:
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
+    async def tavily_search(request: Request) -> Response:
+        body, error = await gate(request)
+        if error is not None:
+            return error
+        assert body is not None
+        return JSONResponse({"answer": f"{fake.name} knows", "results": [
+            {"url": "https://example.com/a", "title": "A", "content": body.get("query"),
+             "score": 0.9}]})
+
     async def ollama_tags(request: Request) -> Response:
         return JSONResponse({"models": [{"name": "llama3"}]})
 
@@ -367,6 +379,7 @@ def build_app(fake: FakeUpstream) -> Starlette:
         Route("/v1/messages/count_tokens", anthropic_count, methods=["POST"]),
         Route("/api/chat", ollama_chat, methods=["POST"]),
         Route("/api/tags", ollama_tags, methods=["GET"]),
+        Route("/search", tavily_search, methods=["POST"]),
     ])
 
 

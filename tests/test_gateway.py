@@ -78,6 +78,13 @@ providers:
     kind: openai
     base_url: {f['limited'].url}/v1
     models: [fake-chat]
+  disc:
+    kind: openai
+    base_url: {f['beta'].url}/v1
+  tav:
+    kind: tavily
+    base_url: {f['beta'].url}
+    api_key_env: GW_TEST_TAVILY_KEY
 aliases:
   fast: alpha/fake-chat
 combos:
@@ -216,10 +223,15 @@ def test_anthropic_sdk_on_any_upstream(claude: anthropic.Anthropic) -> None:
             streamed = "".join(stream.text_stream)
             final = stream.get_final_message()
         assert streamed == f"{name}: hi" and final.stop_reason == "end_turn"
-    # Thinking blocks from an Anthropic upstream are forwarded.
+    # Thinking blocks from an Anthropic upstream are forwarded, signature included.
     msg = claude.messages.create(model="claude/claude-fake", max_tokens=64,
                                  messages=[{"role": "user", "content": "hi"}])
     assert msg.content[0].type == "thinking" and msg.content[0].thinking == "hmm"
+    assert msg.content[0].signature == "sig"
+    with claude.messages.stream(model="claude/claude-fake", max_tokens=64,
+                                messages=[{"role": "user", "content": "hi"}]) as stream:
+        final = stream.get_final_message()
+    assert final.content[0].type == "thinking" and final.content[0].signature == "sig"
 
 
 def test_anthropic_tool_use_from_openai_upstream(claude: anthropic.Anthropic) -> None:
@@ -359,11 +371,17 @@ def test_fallback_on_500_429_and_timeout(oai: openai.OpenAI,
         assert reply.choices[0].message.content == "beta: x"
         assert reply.model == "beta/fake-chat"
     time.sleep(1.05)  # alpha's 429 (no Retry-After) keeps it aside for a second
+    reply = oai.chat.completions.create(model="auto", messages=[{"role": "user", "content": "x"}])
+    assert reply.model == "alpha/fake-chat"  # back, and its failure count starts again
     alpha.faults.hang_s = 3.0  # past alpha's timeout_s of 1.5
     stream = oai.chat.completions.create(model="auto", stream=True,
                                          messages=[{"role": "user", "content": "x"}])
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "beta: x"
     alpha.faults.hang_s = 0.0
+    alpha.faults.garbage = True  # an answer that is not JSON
+    reply = oai.chat.completions.create(model="auto", messages=[{"role": "user", "content": "x"}])
+    assert reply.choices[0].message.content == "beta: x"
+    alpha.faults.garbage = False
     # The caller's own 4xx is not retried elsewhere.
     alpha.faults.status, alpha.faults.fail_count = 400, 1
     calls = beta.calls
@@ -467,6 +485,20 @@ def test_model_lists_and_discovery(http: httpx.Client) -> None:
     assert http.get("/v1/models/image").status_code == 200
 
 
+def test_web_search_and_model_discovery(http: httpx.Client,
+                                        fakes: dict[str, FakeUpstream]) -> None:
+    r = http.post("/v1/web/search", json={"query": "cats", "include_answer": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["answer"] == "beta knows"
+    assert r.json()["results"][0] == {"url": "https://example.com/a", "title": "A",
+                                      "content": "cats", "score": 0.9}
+    web = {m["id"]: m["kind"] for m in http.get("/v1/models/web").json()["data"]}
+    assert web["tav/search"] == "webSearch" and web["local/fetch"] == "webFetch"
+    # `disc` lists no models in the file: they come from its own /v1/models.
+    listed = http.get("/api/v1/providers/disc/models").json()["data"]
+    assert [m["id"] for m in listed] == ["fake-chat", "fake-embed"]
+
+
 def test_moderations_and_provider_images(oai: openai.OpenAI, http: httpx.Client) -> None:
     verdict = oai.moderations.create(input="hello")  # the default model, on alpha
     assert verdict.results[0].flagged is False
@@ -486,9 +518,9 @@ def test_bad_requests_get_stable_codes(http: httpx.Client) -> None:
     r = http.post("/v1/chat/completions", content=b"{not json",
                   headers={"content-type": "application/json"})
     assert r.status_code == 400
-    r = http.post("/v1/web/search", json={"query": "cats"})
+    r = http.post("/v1/web/fetch", json={"model": "jina/reader", "url": "https://a.example/"})
     assert r.status_code == 503 and r.json()["error"]["code"] == "no_provider"
-    assert "tavily" in r.json()["error"]["message"]
+    assert "jina, firecrawl" in r.json()["error"]["message"]
     r = http.post("/v1/web/search", json={"query": "x" * 3000})
     assert r.status_code == 400 and r.json()["error"]["code"] == "query_too_long"
 

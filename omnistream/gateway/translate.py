@@ -399,6 +399,7 @@ def anthropic_to_openai_response(resp: dict[str, Any], model: str) -> dict[str, 
     """An Anthropic message as a ``chat.completion``."""
     text: list[str] = []
     reasoning: list[str] = []
+    signature = ""
     calls: list[dict[str, Any]] = []
     for block in resp.get("content") or []:
         kind = block.get("type")
@@ -406,6 +407,7 @@ def anthropic_to_openai_response(resp: dict[str, Any], model: str) -> dict[str, 
             text.append(block.get("text", ""))
         elif kind == "thinking":
             reasoning.append(block.get("thinking", ""))
+            signature = block.get("signature") or signature
         elif kind == "tool_use":
             calls.append({"id": block.get("id", ""), "type": "function",
                           "function": {"name": block.get("name", ""),
@@ -413,6 +415,8 @@ def anthropic_to_openai_response(resp: dict[str, Any], model: str) -> dict[str, 
     message: dict[str, Any] = {"role": "assistant", "content": "".join(text) or None}
     if reasoning:
         message["reasoning_content"] = "".join(reasoning)
+        if signature:
+            message["reasoning_signature"] = signature
     if calls:
         message["tool_calls"] = calls
     usage = resp.get("usage") or {}
@@ -492,6 +496,8 @@ class AnthropicToOpenAIStream:
                 return [self._chunk({"content": delta.get("text", "")})]
             if dkind == "thinking_delta":
                 return [self._chunk({"reasoning_content": delta.get("thinking", "")})]
+            if dkind == "signature_delta":
+                return [self._chunk({"reasoning_signature": delta.get("signature", "")})]
             if dkind == "input_json_delta":
                 index = self._tool_index.get(int(event.get("index", 0)), 0)
                 return [self._chunk({"tool_calls": [{
@@ -565,6 +571,11 @@ class OpenAIToAnthropicStream:
                 out.append(_sse("content_block_delta", {
                     "type": "content_block_delta", "index": self._block,
                     "delta": {"type": "thinking_delta", "thinking": delta["reasoning_content"]}}))
+            if delta.get("reasoning_signature") and self._block_kind == "thinking":
+                out.append(_sse("content_block_delta", {
+                    "type": "content_block_delta", "index": self._block,
+                    "delta": {"type": "signature_delta",
+                              "signature": delta["reasoning_signature"]}}))
             if delta.get("content"):
                 if self._block_kind != "text":
                     out += self._open("text", {"type": "text", "text": ""})
