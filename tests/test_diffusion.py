@@ -99,6 +99,7 @@ def test_models_dir_pipelines_are_listed_with_their_tasks(client: httpx.Client) 
         ("tiny-t2v", "text2video"),
         ("tiny-svd", "image2video"),
     } <= tasks
+    assert next(m for m in data if m["id"] == "tiny-sd")["license"] == "apache-2.0"
     broken = [m for m in data if m["id"] == "not-a-pipeline"]
     assert broken and not broken[0]["available"]
     assert "KandinskyV99Pipeline" in broken[0]["reason"]

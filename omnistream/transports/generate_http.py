@@ -431,6 +431,11 @@ def _model_entries(request: Request) -> list[dict[str, Any]]:
                     "summary": spec.summary,
                     "available": reason is None,
                     "reason": reason or "",
+                    **(
+                        {"license": spec.capabilities["license"]}
+                        if spec.capabilities.get("license")
+                        else {}
+                    ),
                 }
             )
     return entries
