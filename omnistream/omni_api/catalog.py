@@ -121,9 +121,13 @@ class TextToSpeechInput(_Input):
     """``text_to_speech``."""
 
     text: Annotated[str, Field(min_length=1, max_length=100_000, description="What to say.")]
-    voice: str | None = Field(None, max_length=128)
-    speed: Annotated[float, Field(ge=0.25, le=4.0)] | None = None
-    sample_rate: Annotated[int, Field(ge=8000, le=48000)] | None = None
+    voice: str | None = Field(None, max_length=128, description="A voice of the model.")
+    speed: Annotated[float, Field(ge=0.25, le=4.0)] | None = Field(
+        None, description="Speaking rate; 1 is normal."
+    )
+    sample_rate: Annotated[int, Field(ge=8000, le=48000)] | None = Field(
+        None, description="Output sample rate in Hz (the model's own if absent)."
+    )
 
 
 class SpeechToTextInput(_Input):
@@ -209,6 +213,7 @@ class TaskType:
         if key not in _SCHEMAS:
             schema = self.input_model.model_json_schema()
             schema["title"] = f"{self.name} input"
+            schema["description"] = self.summary
             _SCHEMAS[key] = schema
         return _SCHEMAS[key]
 
@@ -218,6 +223,7 @@ class TaskType:
         if key not in _SCHEMAS:
             schema = OmniOutput.model_json_schema()
             schema["title"] = f"{self.name} output"
+            schema["description"] = "One item of the task's outputs once it succeeded."
             schema["properties"]["kind"] = {"const": self.output_kind, "type": "string"}
             _SCHEMAS[key] = schema
         return _SCHEMAS[key]
