@@ -103,7 +103,7 @@ def _gelu(x: np.ndarray) -> np.ndarray:
     """GELU, tanh form, in place: BERT's exact (erf) GELU needs an erf numpy lacks, and a
     polynomial erf took 3x the time of the layer's largest matmul. The tanh form differs
     by < 5e-4 per activation; sentence vectors agree to a cosine above 0.9999."""
-    inner = x * (np.float32(1.0) + np.float32(0.044715) * x * x)
+    inner: np.ndarray = x * (np.float32(1.0) + np.float32(0.044715) * x * x)
     inner *= np.float32(np.sqrt(2.0 / np.pi))
     np.tanh(inner, out=inner)
     inner += np.float32(1.0)
