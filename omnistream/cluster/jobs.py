@@ -48,7 +48,6 @@ from omnistream.jobs.errors import GenerateError
 from omnistream.jobs.inputs import Upload
 from omnistream.jobs.schemas import (
     TERMINAL_EVENTS,
-    TERMINAL_STATES,
     GenerateRequest,
     GenerateResult,
     JobError,
@@ -73,6 +72,7 @@ WRITE_RETRY_S = 0.5
 CANCEL_WAIT_S = 2.0
 RETRY_AFTER_REDIS_S = 1.0
 HEALTH_CHECK_S = 2.0
+MAX_SWEEP_CALLS = 50
 #: Hash fields a job listing reads (not the request's inputs, which may be megabytes).
 LIST_FIELDS: list[str] = [
     "id", "trace_id", "model", "task", "mode", "state", "node", "owner", "enqueued_at_ms",
@@ -140,7 +140,8 @@ redis.call('XADD', KEYS[2], '*', 'job', ARGV[4])
 return 1
 """
 
-# KEYS: job hash, events. ARGV: now ms, message, job id, ttl s, channel.
+# KEYS: job hash, events. ARGV: now ms, message, job id, ttl s, events channel,
+# cancel channel.
 # A queued job is cancelled right here; a running one is flagged (its node is told).
 _CANCEL = """
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -160,9 +161,10 @@ if state == 'queued' then
 end
 if state == 'running' then
   redis.call('HSET', KEYS[1], 'cancel', '1')
+  redis.call('PUBLISH', ARGV[6], ARGV[3])
   return 'running'
 end
-return state
+return 'finished:' .. state
 """
 
 # KEYS: queue stream, then one job hash per entry. ARGV: group, node, then per entry
@@ -527,10 +529,9 @@ class RedisJobBackend:
                     job.id,
                     self.ttl_s,
                     self.ch_events,
+                    self.ch_cancel,
                 ],
             )
-            if outcome == "running":
-                await self.r.publish(self.ch_cancel, job.id)
         except RedisError as exc:
             self.counters.redis_errors += 1
             raise GenerateError(
@@ -539,9 +540,10 @@ class RedisJobBackend:
         for claim in self._claims.values():  # running here: no need to wait for pub/sub
             if claim.job_id == job.id and claim.job is not None:
                 claim.job.request_cancel()
-        if outcome in ("missing",):
+        if outcome == "missing":
             raise GenerateError(404, "job_not_found", f"No job with id '{job.id}'.")
-        if outcome in TERMINAL_STATES and outcome != "cancelled":
+        if str(outcome).startswith("finished:"):
+            outcome = str(outcome).split(":", 1)[1]
             await self._refresh(job)
             raise GenerateError(
                 409,
@@ -959,25 +961,39 @@ class RedisJobBackend:
             await asyncio.sleep(interval)
             try:
                 for cls in CLASSES:
-                    free = self.free_slots
-                    if free > 0 and not self._stopping:
-                        reply = await self.r.xautoclaim(
-                            self.k_queue(cls), GROUP, self.node_id, self.lease_ms, "0-0",
-                            count=free,
-                        )
-                        entries = reply[1] if reply and len(reply) > 1 else []
-                        for entry_id, fields in entries:
-                            if not fields or "job" not in fields or entry_id in self._claims:
-                                continue
-                            self.counters.reclaims += 1
-                            log.info("reclaimed job %s (its node stopped renewing)", fields["job"])
-                            self._spawn(Claim(self.k_queue(cls), cls, entry_id, fields["job"]))
+                    await self._reclaim(cls)
                 await self._queue_stats()
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
                 self.counters.redis_errors += 1
                 log.warning("sweeping the job queue failed: %s", exc)
+
+    async def _reclaim(self, cls: str) -> None:
+        """Take over entries idle past the lease, up to the free slots.
+
+        XAUTOCLAIM looks at a bounded slice of the pending list per call, so the cursor
+        is followed until the whole list was seen or the slots are full.
+        """
+        cursor = "0-0"
+        for _ in range(MAX_SWEEP_CALLS):
+            free = self.free_slots
+            if free <= 0 or self._stopping:
+                return
+            reply = await self.r.xautoclaim(
+                self.k_queue(cls), GROUP, self.node_id, self.lease_ms, cursor, count=free
+            )
+            if not reply:
+                return
+            for entry_id, fields in reply[1] if len(reply) > 1 else []:
+                if not fields or "job" not in fields or entry_id in self._claims:
+                    continue
+                self.counters.reclaims += 1
+                log.info("reclaimed job %s (its node stopped renewing)", fields["job"])
+                self._spawn(Claim(self.k_queue(cls), cls, entry_id, fields["job"]))
+            cursor = str(reply[0])
+            if cursor == "0-0":
+                return
 
     async def _queue_stats(self) -> None:
         """Queue depth and pending entries per class; trims entries every group has read."""
