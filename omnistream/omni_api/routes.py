@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from starlette.responses import JSONResponse, Response
 
 from omnistream.auth import principal_of
@@ -42,19 +42,21 @@ def _refused(request: Request, exc: OmniError, route: str) -> Response:
 
 
 @router.get("/api/omni/models")
-async def list_models(request: Request, all: bool = False) -> Response:
+async def list_models(
+    request: Request, show_all: bool = Query(False, alias="all")
+) -> Response:
     """Model groups ready here, their task types and the JSON Schemas of input and output.
 
     ``?all=true`` (admin key) also lists groups and task types that cannot run here, each
     with the reason.
     """
-    if all and not principal_of(request).is_admin:
+    if show_all and not principal_of(request).is_admin:
         return _refused(
             request,
             OmniError(403, "admin_required", "?all=true lists hidden groups: send an admin key."),
             "models",
         )
-    groups = _service(request).catalog.describe(include_hidden=all)
+    groups = _service(request).catalog.describe(include_hidden=show_all)
     return JSONResponse({"object": "list", "model_groups": groups})
 
 
