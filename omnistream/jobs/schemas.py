@@ -36,6 +36,7 @@ TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"}
 EVENT_NAMES: tuple[str, ...] = (
     "job_enqueued",
     "job_started",
+    "job_requeued",  # cluster: its node died, hung or drained; a job_started follows
     "stage_start",
     "stage_progress",
     "stage_end",
