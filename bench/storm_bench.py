@@ -200,12 +200,19 @@ def main() -> None:
     )
     args = parser.parse_args()
     source = os.environ.get("PYTHONPATH", str(Path(__file__).parent.parent))
+    load_before = os.getloadavg()
     with omnistream_server() as (address, _):
         result = asyncio.run(run(address, args))
     report = {
         "label": args.label,
         "code": {"path": source, "commit": git_rev(source.split(os.pathsep)[0])},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            # The machine is shared: its load says how far to trust absolute figures.
+            "loadavg_1m_before": round(load_before[0], 2),
+            "loadavg_1m_after": round(os.getloadavg()[0], 2),
+        },
         "settings": vars(args),
         "result": result,
     }
