@@ -32,25 +32,22 @@ _KEY = "gateway"
 _FETCH_KEY = "gateway.fetcher"
 
 
-def gateway_of(state: AppState) -> Gateway:
-    """The app's gateway, built on first use from ``settings.providers_file``.
-
-    Its HTTP client is closed by the app's shutdown hooks. Raises
-    :class:`ProvidersFileError` if the file is invalid (``omnistream serve`` checks it
-    before starting, so a running server already has a good one).
-    """
-    existing = state.extras.get(_KEY)
-    if isinstance(existing, Gateway):
-        return existing
+def _build(state: AppState) -> Gateway:
     settings = state.settings
     config = load_providers(settings.providers_file)
-    gateway = Gateway(
+    return Gateway(
         config,
         state.metrics.registry,
         breaker_failures=settings.gateway_breaker_failures,
         breaker_cooldown_s=settings.gateway_breaker_cooldown_s,
         deadline_s=settings.gateway_deadline_s,
     )
+
+
+def _install(state: AppState, gateway: Gateway) -> Gateway:
+    existing = state.extras.get(_KEY)
+    if isinstance(existing, Gateway):  # built meanwhile by another caller
+        return existing
     state.extras[_KEY] = gateway
     state.extras.setdefault("shutdown_hooks", []).append(gateway.aclose)
     try:
@@ -60,6 +57,32 @@ def gateway_of(state: AppState) -> Gateway:
     else:
         gateway.start_discovery()
     return gateway
+
+
+async def start_gateway(state: AppState) -> Gateway:
+    """Build the app's gateway at start-up, off the event loop.
+
+    Reading the providers file and building the TLS context (the CA bundle: a quarter
+    second) would stall every live session if done on the loop by the first request.
+    Raises :class:`ProvidersFileError`, so a bad file stops the app from starting.
+    """
+    existing = state.extras.get(_KEY)
+    if isinstance(existing, Gateway):
+        return existing
+    return _install(state, await asyncio.to_thread(_build, state))
+
+
+def gateway_of(state: AppState) -> Gateway:
+    """The app's gateway (built at start-up by :func:`start_gateway`, else here).
+
+    Its HTTP clients are closed by the app's shutdown hooks. Raises
+    :class:`ProvidersFileError` if the file is invalid (``omnistream serve`` checks it
+    before starting, so a running server already has a good one).
+    """
+    existing = state.extras.get(_KEY)
+    if isinstance(existing, Gateway):
+        return existing
+    return _install(state, _build(state))
 
 
 def fetcher_of(state: AppState) -> WebFetcher:
@@ -86,4 +109,5 @@ __all__ = [
     "gateway_of",
     "load_providers",
     "parse_providers",
+    "start_gateway",
 ]

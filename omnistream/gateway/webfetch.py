@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import re
 import socket
+import ssl
 import urllib.request
 from dataclasses import dataclass
 from html.parser import HTMLParser
@@ -32,6 +34,8 @@ import httpx
 
 from omnistream import __version__
 from omnistream.gateway.errors import GatewayError
+
+log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
 MAX_URL_CHARS = 2048
@@ -215,9 +219,24 @@ class WebFetcher:
 
     def __init__(self, allow: list[str] | None = None, *, max_bytes: int = 2 * 1024 * 1024,
                  timeout_s: float = 15.0) -> None:
-        self.allow = [AllowEntry.parse(a) for a in allow or [] if a.strip()]
+        self.allow: list[AllowEntry] = []
+        for raw in allow or []:
+            if not raw.strip():
+                continue
+            try:
+                self.allow.append(AllowEntry.parse(raw))
+            except ValueError:
+                log.warning("ignoring web fetch allow-list entry %r: not a host, IP or CIDR "
+                            "with an optional :port", raw)
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
+        self._tls: ssl.SSLContext | None = None
+
+    async def _tls_context(self) -> ssl.SSLContext:
+        """One TLS context for every fetch, built off the loop (it reads the CA bundle)."""
+        if self._tls is None:
+            self._tls = await asyncio.to_thread(httpx.create_ssl_context)
+        return self._tls
 
     def check_url(self, url: Any) -> tuple[str, str, int]:
         """``(scheme, host, port)`` of a URL the fetcher may try, else 400 ``invalid_url``."""
@@ -303,8 +322,9 @@ class WebFetcher:
         headers = {"user-agent": USER_AGENT,
                    "accept": "text/html,application/xhtml+xml,text/plain;q=0.9,*/*;q=0.5"}
         timeout = httpx.Timeout(self.timeout_s)
-        async with httpx.AsyncClient(trust_env=False, timeout=timeout) as direct, \
-                httpx.AsyncClient(trust_env=True, timeout=timeout) as proxied:
+        tls = await self._tls_context()
+        async with httpx.AsyncClient(trust_env=False, timeout=timeout, verify=tls) as direct, \
+                httpx.AsyncClient(trust_env=True, timeout=timeout, verify=tls) as proxied:
             current = url
             for _hop in range(MAX_REDIRECTS + 1):
                 scheme, host, port = self.check_url(current)
