@@ -97,6 +97,9 @@ def create_app(
         app.state.omni = state
         app.state.started_at = time.time()
         state.sessions.start()
+        from omnistream.gateway import start_gateway
+
+        await start_gateway(state)  # providers file checked, HTTP clients built off the loop
         _reload_keys_on_sighup(state)
         lag = asyncio.create_task(_watch_loop_lag(state), name="loop-lag")
         if profile is not None:
