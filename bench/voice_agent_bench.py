@@ -71,9 +71,15 @@ def speech_start(pcm: bytes) -> int:
 class Conversation:
     """One client: a socket, a paced microphone, and the events it receives."""
 
-    def __init__(self, url: str, silence_ms: int) -> None:
+    def __init__(self, url: str, silence_ms: int, noise_dbfs: float | None = None) -> None:
         self.url = url
         self.silence_ms = silence_ms
+        self.noise = None
+        self._noise_at = 0
+        if noise_dbfs is not None:
+            rng = np.random.default_rng()
+            self.noise = (rng.standard_normal(RATE * 10) * 32767 * 10 ** (noise_dbfs / 20)
+                          ).astype(np.int32)
         self.events: asyncio.Queue[tuple[float, dict[str, Any]]] = asyncio.Queue()
         self.mic: asyncio.Queue[bytes] = asyncio.Queue()
         self.sent: list[tuple[int, int, float]] = []
@@ -119,6 +125,11 @@ class Conversation:
             chunk, pending = pending[:CHUNK], pending[CHUNK:]
             speaking = bool(chunk)
             chunk += bytes(CHUNK - len(chunk))
+            if self.noise is not None:  # a microphone's noise floor under everything
+                mixed = np.frombuffer(chunk, dtype="<i2").astype(np.int32) + self.noise[
+                    self._noise_at : self._noise_at + CHUNK // 2]
+                self._noise_at = (self._noise_at + CHUNK // 2) % (self.noise.size - CHUNK)
+                chunk = np.clip(mixed, -32768, 32767).astype("<i2").tobytes()
             await self.ws.send(json.dumps({"type": "input_audio_buffer.append",
                                            "audio": base64.b64encode(chunk).decode()}))
             if speaking:
@@ -209,8 +220,8 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def run_level(url: str, speech: dict[str, bytes], n: int, rounds: int,
-                    silence_ms: int) -> dict[str, Any]:
-    conversations = [Conversation(url, silence_ms) for _ in range(n)]
+                    silence_ms: int, noise_dbfs: float | None = None) -> dict[str, Any]:
+    conversations = [Conversation(url, silence_ms, noise_dbfs) for _ in range(n)]
     started = time.monotonic()
     outcomes = await asyncio.gather(*(c.run(speech, rounds) for c in conversations),
                                     return_exceptions=True)
@@ -261,8 +272,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--silence-ms", type=int, default=200,
                         help="server_vad silence_duration_ms (the VAD hangover)")
+    parser.add_argument("--noise-dbfs", type=float, default=-50.0,
+                        help="white noise under the microphone audio (a real mic's floor; "
+                        "above the VAD's -60 dBFS silence gate, so Silero runs on every "
+                        "window); 'off' is --noise-dbfs 0")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "voice_agent.json"))
     args = parser.parse_args()
+    noise = args.noise_dbfs if args.noise_dbfs < 0 else None
     with run_fake_llm() as fake, tempfile.TemporaryDirectory() as tmp:
         providers = fake.providers_file(Path(tmp))
         env = {"OMNISTREAM_PROVIDERS_FILE": str(providers), "FAKE_LLM_KEY": "sk-fake",
@@ -282,7 +298,8 @@ def main() -> None:
             levels = []
             for n in args.conversations:
                 lag_before = loop_lag(address)
-                level = asyncio.run(run_level(url, speech, n, args.rounds, args.silence_ms))
+                level = asyncio.run(run_level(url, speech, n, args.rounds, args.silence_ms,
+                                              noise))
                 level["server_loop_lag_ms"] = lag_delta(lag_before, loop_lag(address))
                 levels.append(level)
                 v2v = level["client_voice_to_voice_ms"]
@@ -299,6 +316,7 @@ def main() -> None:
     report = {
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.platform()}",
         "silence_duration_ms": args.silence_ms,
+        "mic_noise_dbfs": noise,
         "rounds": args.rounds,
         "llm": "fake OpenAI-compatible upstream on loopback (fixed answer, no model time)",
         "max_conversations_p95_under_800ms": max(held) if held else 0,

@@ -69,6 +69,7 @@ VAD_RATE = 16000  # Silero and Whisper read 16 kHz
 VAD_WINDOW = 512  # Silero v5's fixed window: 32 ms
 OUTPUT_RATE = 24000  # pcm16 of the Realtime protocol
 OUTPUT_BLOCK_BYTES = OUTPUT_RATE * 2 // 10  # at most 100 ms of audio per delta
+SILENCE_FLOOR_RMS = 10 ** (-60 / 20)  # -60 dBFS: below it a window is not speech
 NEGATIVE_THRESHOLD_GAP = 0.15  # speech continues down to threshold - this (hysteresis)
 SPECULATE_AFTER_MS = 160  # silence after which the turn is transcribed speculatively
 MIN_COMMIT_MS = 100  # the protocol refuses to commit less audio than this
@@ -556,17 +557,25 @@ class VoiceAgentSession:
             if not windows:
                 pending = joined
                 continue
-            audio16 = joined[: windows * VAD_WINDOW]
-            try:
-                if self.vad is not None:
-                    probabilities = await self.vad.probabilities(self.id, audio16)
-                else:
-                    probabilities = await asyncio.to_thread(
-                        _speech_probabilities, detector, audio16
-                    )
-            except RuntimeError as exc:  # the worker is gone and could not come back
-                log.warning("turn detection failed in %s: %s", self.id, exc)
-                probabilities = [0.0] * windows
+            framed = joined[: windows * VAD_WINDOW].reshape(windows, VAD_WINDOW)
+            # Windows quieter than the floor are silence without asking Silero: a muted or
+            # noise-suppressed microphone costs next to nothing.
+            loud = np.sqrt(np.mean(framed * framed, axis=1)) >= SILENCE_FLOOR_RMS
+            probabilities = [0.0] * windows
+            if loud.any():
+                audio16 = framed[loud].reshape(-1)
+                try:
+                    if self.vad is not None:
+                        found = await self.vad.probabilities(self.id, audio16)
+                    else:
+                        found = await asyncio.to_thread(_speech_probabilities, detector,
+                                                        audio16)
+                except RuntimeError as exc:  # the worker is gone and could not come back
+                    log.warning("turn detection failed in %s: %s", self.id, exc)
+                    found = [0.0] * int(loud.sum())
+                for window, probability in zip(np.flatnonzero(loud).tolist(), found,
+                                               strict=False):
+                    probabilities[window] = probability
             pending = joined[windows * VAD_WINDOW :]
             base = self._vad_pos
             self._vad_pos += windows * VAD_WINDOW
