@@ -358,6 +358,7 @@ def build_app(fake: FakeUpstream) -> Starlette:
 
     async def page(request: Request) -> Response:
         fake.calls += 1
+        fake.headers.append(dict(request.headers))
         return Response(
             "<html><head><title>Fake page</title><script>var x=1;</script></head><body>"
             "<h1>Cats</h1><p>A <b>cat</b> sat on the <a href='/mat'>mat</a>.</p>"

@@ -509,6 +509,16 @@ def test_moderations_and_provider_images(oai: openai.OpenAI, http: httpx.Client)
     assert r.status_code == 400 and r.json()["error"]["code"] == "missing_image"
 
 
+def test_media_routes_under_api_v1(http: httpx.Client) -> None:
+    garbage = {"file": ("a.wav", b"RIFF\x00\x00garbage", "audio/wav")}
+    for path in ("/v1/audio/translations", "/api/v1/audio/translations",
+                 "/api/v1/audio/transcriptions"):
+        r = http.post(path, files=garbage)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_audio", path
+    voices = http.get("/api/v1/models/tts").json()["data"]
+    assert voices and all("voices" in v for v in voices)
+
+
 def test_bad_requests_get_stable_codes(http: httpx.Client) -> None:
     r = http.post("/v1/chat/completions", json={"model": "nope",
                                                 "messages": [{"role": "user", "content": "x"}]})
@@ -531,8 +541,11 @@ def test_bad_requests_get_stable_codes(http: httpx.Client) -> None:
 def test_web_fetch_refuses_private_addresses(http: httpx.Client,
                                              fakes: dict[str, FakeUpstream]) -> None:
     page = fakes["alpha"]
-    ok = http.post("/v1/web/fetch", json={"url": f"{page.url}/page"})  # allow-listed
-    assert ok.status_code == 200, ok.text
+    ok = http.post("/v1/web/fetch", json={"url": f"{page.url}/page"},
+                   headers={"authorization": "Bearer caller-key", "cookie": "s=1"})
+    assert ok.status_code == 200, ok.text  # allow-listed
+    sent = page.headers[-1]
+    assert "authorization" not in sent and "cookie" not in sent
     body = ok.json()
     assert body["title"] == "Fake page" and "# Cats" in body["markdown"]
     assert "**cat**" in body["markdown"] and f"{page.url}/mat" in body["links"]
