@@ -194,7 +194,8 @@ def media_bytes(
     if path_like:
         local = _plain_path(value, limits)
         if local is not None:
-            return MediaBytes(_read_bounded(local, name, limits.max_upload_bytes), "path", local.name)
+            data = _read_bounded(local, name, limits.max_upload_bytes)
+            return MediaBytes(data, "path", local.name)
     try:
         return MediaBytes(_b64(value, name, limits.max_upload_bytes), "base64")
     except GenerateError as exc:
