@@ -47,6 +47,11 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     Image.fromarray(mask).save(root / "mask.png")
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(root / "small_mask.png")
     (root / "notes.png").write_bytes(b"this is not an image")
+    import torch
+    from safetensors.torch import save_file
+
+    misfit = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"
+    save_file({misfit: torch.zeros(4, 999)}, str(root / "loras" / "misfit.safetensors"))
     paths["root"] = root
     return paths
 
@@ -429,6 +434,8 @@ def _bad_generate(models: dict[str, Path]) -> list[tuple[dict[str, Any], str]]:
         (t2i | {"adapters": [{"path": "/etc/passwd"}]}, "invalid_adapter"),
         (t2i | {"adapters": [{"path": str(models["not_lora"])}]}, "invalid_adapter"),
         (t2i | {"adapters": [{"path": str(root / "photo.png")}]}, "invalid_adapter"),
+        (t2i | {"adapters": [{"path": str(root / "loras" / "misfit.safetensors")}]},
+         "invalid_adapter"),
         ({"task": "edit", "model": "tiny-sd", "inputs": {"prompt": "x"}}, "model_not_found"),
         (t2i | {"model": "not-a-pipeline"}, "model_unavailable"),
         (t2i | {"backend": "ascend"}, "backend_not_available"),

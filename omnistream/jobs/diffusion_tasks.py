@@ -413,6 +413,7 @@ def write_mp4(path: Path, frames: npt.NDArray[np.uint8], fps: int) -> None:
 async def run_diffusion(ctx: RunContext, prepared: Prepared) -> list[Artifact]:
     """Encode, denoise one step per work item, decode, export."""
     from omnistream.models.diffusion.items import (
+        AdapterError,
         DiffusionJob,
         FinishItem,
         StartItem,
@@ -443,7 +444,10 @@ async def run_diffusion(ctx: RunContext, prepared: Prepared) -> list[Artifact]:
         async with ctx.stage("load"):
             await ctx.runner.wait_ready()
         async with ctx.stage("encode_prompt"):
-            total = int((await ctx.submit(StartItem(job))).value)
+            try:
+                total = int((await ctx.submit(StartItem(job))).value)
+            except AdapterError as exc:
+                raise GenerateError(400, "invalid_adapter", str(exc)) from exc
         ctx.cache_hits.extend(job.cache_hits)
         async with ctx.stage("denoise", steps=total):
             done = 0

@@ -15,6 +15,10 @@ import numpy as np
 import numpy.typing as npt
 
 
+class AdapterError(ValueError):
+    """A LoRA file that this pipeline cannot load (wrong architecture, bad tensors)."""
+
+
 class DriverAborted(Exception):
     """Raised inside a pipeline's step callback to stop a cancelled ``__call__``."""
 

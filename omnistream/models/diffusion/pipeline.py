@@ -23,6 +23,7 @@ step, so priority, progress and cancellation act between steps for them too.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -39,6 +40,7 @@ import numpy.typing as npt
 from omnistream.models.base import BatchModel
 from omnistream.models.diffusion.discovery import PipelineDir
 from omnistream.models.diffusion.items import (
+    AdapterError,
     DiffusionJob,
     DriverAborted,
     FinishItem,
@@ -290,7 +292,7 @@ class DiffusionModel(BatchModel[Any, Any]):
                 try:
                     out.append(self._run_one(payload))
                 except Exception as exc:
-                    if not isinstance(exc, DriverAborted):
+                    if not isinstance(exc, (DriverAborted, AdapterError)):
                         log.exception("diffusion item failed")
                     out.append(exc)
             return out
@@ -351,9 +353,18 @@ class DiffusionModel(BatchModel[Any, Any]):
             name = self._adapter_names.get(cache_key)
             if name is None:
                 name = f"lora{len(self._adapter_names)}"
-                pipe.load_lora_weights(
-                    str(Path(path).parent), weight_name=Path(path).name, adapter_name=name
-                )
+                try:
+                    pipe.load_lora_weights(
+                        str(Path(path).parent), weight_name=Path(path).name, adapter_name=name
+                    )
+                except Exception as exc:
+                    with contextlib.suppress(Exception):
+                        pipe.delete_adapters([name])
+                    self._active_adapters = (("?", 0.0),)  # re-apply the next set afresh
+                    raise AdapterError(
+                        f"{Path(path).name} does not fit {type(pipe).__name__}: "
+                        f"{type(exc).__name__}: {str(exc)[:200]}"
+                    ) from exc
                 self._adapter_names[cache_key] = name
             else:
                 job.cache_hits.append(f"lora:{Path(path).name}")
