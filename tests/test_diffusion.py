@@ -282,6 +282,23 @@ def test_running_job_is_cancelled_between_steps(client: httpx.Client) -> None:
     assert record["result"] is None
 
 
+def test_cancelled_video_job_stops_its_pipeline_between_steps(client: httpx.Client) -> None:
+    body = {"task": "text2video", "model": "tiny-t2v", "inputs": {"prompt": "slow"},
+            "config": {**SIZE, "num_inference_steps": 60, "num_frames": 2, "seed": 1},
+            "async_run": True}
+    job_id = client.post("/v1/generate", json=body).json()["id"]
+    for name, _event in sse_events(client, f"/v1/jobs/{job_id}/events", timeout=60):
+        if name == "stage_progress":
+            break
+    assert client.delete(f"/v1/jobs/{job_id}").status_code == 200
+    record = wait_job(client, job_id)
+    assert record["state"] == "cancelled"
+    deadline = time.monotonic() + 10
+    while any(t.name.startswith("diffusion-call-") for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the pipeline's __call__ kept running"
+        time.sleep(0.05)
+
+
 def test_lora_changes_the_image_and_is_cached(
     client: httpx.Client, models: dict[str, Path]
 ) -> None:
