@@ -205,6 +205,10 @@ def test_same_seed_same_pixels_and_n_images(client: httpx.Client) -> None:
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     other = client.post("/v1/generate", json=body | {"config": {**FAST, "seed": 8}}).json()
     assert not np.array_equal(a[0], _pixels(_fetch(client, other["outputs"][0]["url"])))
+    euler = client.post("/v1/generate", json=body | {
+        "config": {**FAST, "scheduler": "EulerDiscreteScheduler", "output_format": "jpeg"}})
+    assert euler.status_code == 200, euler.text
+    assert euler.json()["outputs"][0]["mime"] == "image/jpeg"
 
 
 @pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl"])
