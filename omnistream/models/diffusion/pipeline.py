@@ -208,6 +208,8 @@ class DiffusionModel(BatchModel[Any, Any]):
         self.max_batch_cost = float(options.get("max_batch_rows") or DEFAULT_MAX_ROWS)
         self.cpu_threads = max(1, torch.get_num_threads()) if device == "cpu" else 1  # metering
         started = time.perf_counter()
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()  # the peak then includes the weights
         pipe = DiffusionPipeline.from_pretrained(  # type: ignore[no-untyped-call]
             str(pdir.path), local_files_only=True, torch_dtype=self.dtype
         )
@@ -226,15 +228,11 @@ class DiffusionModel(BatchModel[Any, Any]):
             self.family = "call"  # refiners and the XL img2img/inpaint classes: own __call__
         self.load_ms = (time.perf_counter() - started) * 1000.0
         self._lock = threading.Lock()
-        self._active: set[int] = set()
         self._jobs: dict[int, DiffusionJob] = {}
-        self._loaded_adapters: dict[tuple[str, float], str] = {}
         self._adapter_names: dict[str, str] = {}
         self._active_adapters: tuple[tuple[str, float], ...] = ()
         self._params: dict[str, frozenset[str]] = {}
         self.peak_rows = 0
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
 
     # -- runner interface -----------------------------------------------------------
 
