@@ -44,7 +44,7 @@ def register(subparsers: Any) -> None:
         "models are installed (`omnistream models` lists what runs here)",
     )
     g.add_argument("--model")
-    g.add_argument("--backend", choices=["auto", "cuda", "cpu", "cpu-stub"])
+    g.add_argument("--backend", choices=["auto", "cuda", "cpu", "cpu-stub", "ascend"])
     g.add_argument("--prompt", help="text input (text2audio)")
     g.add_argument("--audio", help="audio file")
     g.add_argument("--image", help="reference image file")
