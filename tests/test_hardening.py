@@ -14,6 +14,7 @@ import errno
 import io
 import json
 import logging
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -234,6 +235,10 @@ def test_openapi_fuzz_gets_no_server_errors() -> None:
             for mode in modes:
                 if time.monotonic() < deadline:  # past it, the rest is skipped, not failed
                     calls += _fuzz(op, mode, srv.http, deadline, failures)
+            if op.method.upper() == "POST" and "requestBody" not in op.definition.raw:
+                # A route that declares no body still reads one: send it JSON objects
+                # with the field names such APIs use and values of every JSON type.
+                calls += _fuzz_undeclared(op.path, srv.http, deadline, failures)
         assert calls >= 50
         assert failures == []
 
@@ -268,6 +273,64 @@ def _fuzz(op: Any, mode: Any, base_url: str, deadline: float, failures: list[str
 
     with contextlib.suppress(Unsatisfiable):  # nothing about it can be made invalid
         fuzz()
+    return calls
+
+
+_FIELDS = (
+    "model", "messages", "input", "prompt", "text", "voice", "n", "size", "stream",
+    "max_tokens", "query", "documents", "response_format", "image", "content", "tools",
+    "temperature", "encoding_format", "top_n", "task_type", "model_group", "config",
+)
+
+
+def _fuzz_undeclared(path: str, base_url: str, deadline: float, failures: list[str]) -> int:
+    """POST generated JSON objects to a route whose schema has no request body."""
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import strategies as st
+
+    scalar = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(10**6), 10**12),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=20),
+    )
+    value = st.recursive(
+        scalar,
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=3),
+            st.dictionaries(st.sampled_from(_FIELDS), inner, max_size=3),
+        ),
+        max_leaves=8,
+    )
+    url = base_url + re.sub(r"\{[^}]+\}", "x", path)
+    calls = 0
+
+    @given(body=st.dictionaries(st.sampled_from(_FIELDS), value, max_size=5))
+    @settings(
+        max_examples=FUZZ_EXAMPLES,
+        deadline=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+        database=None,
+    )
+    def fuzz(body: dict[str, Any]) -> None:
+        nonlocal calls
+        if time.monotonic() > deadline:
+            return
+        try:
+            response = httpx.post(url, json=body, timeout=15)
+        except httpx.HTTPError as exc:  # a dropped connection is as bad as a 500
+            failures.append(f"POST {path} -> {exc!r} for body {str(body)[:200]!r}")
+            return
+        calls += 1
+        if response.status_code >= 500 and response.status_code not in ALLOWED_5XX:
+            failures.append(
+                f"POST {path} -> {response.status_code} {response.text[:200]!r} "
+                f"for body {str(body)[:200]!r}"
+            )
+
+    fuzz()
     return calls
 
 

@@ -37,7 +37,9 @@ MAX_TEXT_CHARS = 32768
 
 def is_local_embedding(model: Any) -> bool:
     """Whether ``model`` names the built-in embedding model (or is left out)."""
-    return model is None or model == "" or model in EMBEDDING_NAMES
+    # A non-string model (a fuzzer's dict or list) is not ours: the caller's model check
+    # answers it with a 400, where a set lookup would raise TypeError (a 500).
+    return model is None or model == "" or (isinstance(model, str) and model in EMBEDDING_NAMES)
 
 
 def _texts(value: Any, name: str, limit: int) -> list[str]:
