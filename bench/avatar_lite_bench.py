@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -142,6 +143,26 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def loop_lag(address: str) -> dict[str, Any]:
+    """The server's event-loop lag over its life, from its Prometheus histogram."""
+    text = httpx.get(f"http://{address}/metrics", timeout=10).text
+    buckets: list[tuple[float, float]] = []
+    for line in text.splitlines():
+        if line.startswith("omnistream_event_loop_lag_seconds_bucket"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.split()[-1])))
+    if not buckets or buckets[-1][1] == 0:
+        return {}
+    total = buckets[-1][1]
+    p99 = next(le for le, count in buckets if count >= 0.99 * total)
+    late = {
+        f"over_{int(le * 1000)}ms": round(1 - count / total, 4)
+        for le, count in buckets
+        if le in (0.01, 0.05, 0.1)
+    }
+    return {"ticks": int(total), "p99_at_most_s": p99, **late}
+
+
 def ramp(label: str, env: dict[str, str]) -> dict[str, Any]:
     out_dir = OUT / "avatar-lite-v2" / f"ramp-{label}"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -170,6 +191,7 @@ def ramp(label: str, env: dict[str, str]) -> dict[str, Any]:
         wall = time.monotonic() - started
         server_cpu = process_cpu_s(server.pid) - server_cpu
         client_cpu = children_cpu_s() - client_cpu
+        lag = loop_lag(address)
     report = json.loads((out_dir / "report.json").read_text())
     summary = report["summary"]
     held = [s for s in summary["steps"] if s["held"]]
@@ -183,6 +205,7 @@ def ramp(label: str, env: dict[str, str]) -> dict[str, Any]:
         "frames_delivered": frames,
         "server_cpu_ms_per_frame": round(server_cpu * 1000 / frames, 3) if frames else None,
         "client_cpu_ms_per_frame": round(client_cpu * 1000 / frames, 3) if frames else None,
+        "server_event_loop_lag": lag,
         "exit": proc.returncode,
         "max_sessions_held": summary["max_sessions_held"],
         "stop_reason": summary.get("stop_reason"),
