@@ -8,6 +8,7 @@ not an LLM:
 * a tool result → a sentence quoting it;
 * *story* or *long* → a long answer (for barge-in);
 * *hang* → one delta, then nothing (the server holds the stream open);
+* *fail* → HTTP 500;
 * anything else → :data:`ANSWER`.
 
 ``GET /v1/models`` lists :data:`MODEL`. Every request body is kept in ``requests``.
@@ -79,6 +80,8 @@ def _script(body: dict[str, Any]) -> list[dict[str, Any]]:
         ]
     if "story" in text or "long" in text:
         return _words(STORY)
+    if "fail" in text:
+        return [{"fail": True}]
     if "hang" in text:
         return [{"content": "Let me"}, {"hang": True}]
     return _words(ANSWER)
@@ -110,6 +113,15 @@ def _handler(fake: FakeLLM) -> type[BaseHTTPRequestHandler]:
             body = json.loads(self.rfile.read(length) or b"{}")
             fake.requests.append(body)
             script = _script(body)
+            if script and script[0].get("fail"):
+                reply = json.dumps({"error": {"message": "upstream exploded",
+                                              "type": "server_error"}}).encode()
+                self.send_response(500)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+                return
             if not body.get("stream"):
                 text = "".join(d.get("content", "") for d in script)
                 reply = json.dumps({

@@ -323,6 +323,16 @@ async def test_protocol_errors_keep_the_socket(agent_server: RunningServer) -> N
         done = await _until(conn, "response.done", seen)
         assert done["response"]["status"] == "failed"
         assert any(e["type"] == "error" and e["error"]["code"] == "llm_timeout" for e in seen)
+        # A provider that fails: the same, with the gateway's code.
+        await conn.conversation.item.create(item={
+            "type": "message", "role": "user",
+            "content": [{"type": "input_text", "text": "Now fail, please."}]})
+        await conn.response.create()
+        seen = []
+        done = await _until(conn, "response.done", seen)
+        assert done["response"]["status"] == "failed"
+        failure = next(e for e in seen if e["type"] == "error")
+        assert "language model failed" in failure["error"]["message"]
         await conn.conversation.item.create(item={
             "type": "message", "role": "user",
             "content": [{"type": "input_text", "text": "And now?"}]})

@@ -480,7 +480,7 @@ class VoiceAgentSession:
         self._discard_speculation()
         self.emit({"type": "input_audio_buffer.cleared"})
 
-    def commit_input(self, event_id: str | None = None) -> dict[str, Any]:
+    def commit_input(self) -> dict[str, Any]:
         """Turn the buffered input into a user item (``input_audio_buffer.commit``).
 
         Raises:
@@ -808,6 +808,7 @@ class VoiceAgentSession:
             raise AgentError("item_not_found", f"item {item_id!r} not found", param="item_id")
         self.items.pop(item_id)
         self._audio_items.pop(item_id, None)
+        self._transcripts.pop(item_id, None)
         self.emit({"type": "conversation.item.deleted", "item_id": item_id})
 
     def retrieve_item(self, item_id: str) -> None:
@@ -981,10 +982,15 @@ class VoiceAgentSession:
                        f"the language model sent nothing for {self.llm_timeout_s:g} s",
                        "server_error")
         except Exception as exc:
-            code = str(getattr(exc, "code", "") or "llm_failed")
-            message = str(getattr(exc, "message", "") or exc)
-            log.info("response %s failed: %s", response.id, message)
-            self._fail(response, code, f"the language model failed: {message}", "server_error")
+            if hasattr(exc, "status") and hasattr(exc, "code"):  # the gateway's GatewayError
+                message = str(getattr(exc, "message", "") or exc)
+                log.info("response %s: the LLM failed: %s", response.id, message)
+                self._fail(response, str(exc.code), f"the language model failed: {message}",
+                           "server_error")
+            else:
+                log.exception("response %s failed", response.id)
+                self._fail(response, "response_failed", f"the response failed: {exc}",
+                           "server_error")
 
     async def _answer(self, response: Response) -> None:
         model = self.config.model

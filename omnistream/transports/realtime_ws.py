@@ -408,7 +408,7 @@ class RealtimeConnection:
                        else "session.updated")
             session.emit({"type": updated, "session": self.session_object()})
         elif kind == "input_audio_buffer.commit":
-            session.commit_input(event_id)
+            session.commit_input()
         elif kind == "input_audio_buffer.clear":
             session.clear_input()
         elif kind == "conversation.item.create":
