@@ -469,3 +469,41 @@ def test_embedded_mode_never_imports_redis() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert out.stdout.strip() == "False"
+
+
+def test_keys_and_ownership_hold_across_nodes(tmp_path: Any) -> None:
+    """With API keys on, a job and its files stay its owner's on every node."""
+    if missing is not None:
+        pytest.skip(missing)
+    keys = {"admin": "admin-key-0123456789ab", "alice": "alice-key-0123456789ab",
+            "bob": "bob-key-0123456789abcd"}  # fmt: skip
+    key_file = tmp_path / "keys.yaml"
+    key_file.write_text(
+        "keys:\n"
+        f"  - {{name: admin, key: {keys['admin']}}}\n"
+        f"  - {{name: alice, key: {keys['alice']}, scopes: [generate, tts]}}\n"
+        f"  - {{name: bob, key: {keys['bob']}, scopes: [generate, tts]}}\n"
+    )
+    c = make_cluster(OMNISTREAM_API_KEY_FILE=str(key_file))
+    try:
+        auth = {who: {"Authorization": f"Bearer {key}"} for who, key in keys.items()}
+        a, b = c.nodes
+        r = httpx.post(
+            a.http + "/v1/generate",
+            json={"task": "text2audio", "inputs": {"prompt": SHORT}, "async_run": True},
+            headers=auth["alice"],
+        )
+        job_id = r.json()["id"]
+        with httpx.Client(base_url=b.http, headers=auth["alice"], timeout=60) as alice:
+            record = wait_state(alice, job_id)
+        url = record["result"]["outputs"][0]["url"]
+        for node in c.nodes:  # wherever it ran, every node answers alike
+            job_url = f"{node.http}/v1/jobs/{job_id}"
+            assert httpx.get(job_url, headers=auth["bob"]).status_code == 404
+            assert httpx.get(node.http + url, headers=auth["alice"]).status_code == 200
+            assert httpx.get(node.http + url, headers=auth["bob"]).status_code == 404
+            assert httpx.get(node.http + url, headers=auth["admin"]).status_code == 200
+        assert httpx.get(a.http + "/v1/cluster/nodes").status_code == 401
+        assert httpx.get(a.http + "/v1/cluster/nodes", headers=auth["admin"]).status_code == 200
+    finally:
+        c.close()
