@@ -286,7 +286,6 @@ class RealtimeConnection:
         self._overflow = False
         self._out_resampler: StreamResampler | None = None
         self._out_response: str | None = None
-        self._in_resampler_rate = 0
         session.on_event = self._enqueue
 
         async def expire(reason: str) -> None:
