@@ -111,6 +111,10 @@ def test_jobs_through_haproxy_run_on_both_nodes(cluster: Cluster, lb: httpx.Clie
     for entry in nodes:
         assert entry["session_slots"] == 2 and entry["job_slots"] == 1
         assert entry["draining"] is False and entry["url"].startswith("http://127.0.0.1:")
+    from omnistream.cluster.agent import ask_agent
+
+    for node in cluster.nodes:  # what HAProxy's agent check reads
+        assert asyncio.run(ask_agent("127.0.0.1", node.agent_port)) == "ready maxconn:2"
 
 
 def test_any_node_answers_for_a_job_on_another(cluster: Cluster, lb: httpx.Client) -> None:
