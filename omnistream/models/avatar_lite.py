@@ -20,8 +20,9 @@ gated so the mouth closes on silence):
   on the mesh's contours: above the lips nothing moves but a slight lift of the upper lip;
   the lower lip and chin drop with the jaw, the skin between follows, the cheeks beyond
   the mouth corners stretch and the neck takes up the rest. Because each column's map is
-  monotone and piecewise linear it inverts exactly, so the backward map ``cv2.remap``
-  needs costs a handful of array operations, not a per-triangle rasterisation;
+  monotone and piecewise linear it inverts exactly (one ``np.interp``), and the inverse
+  is tabulated per reference over jaw opening × lip shape, so a frame blends four tables
+  instead of rasterising triangles;
 * the lips part along the seam under whatever the reference shows between them: visible
   upper teeth stay with the upper jaw (they are above the seam); the gap the jaw opens
   below is a dark, soft-edged cavity shading to a tongue tone, with a hint of upper
@@ -772,7 +773,7 @@ def draw_band(avatar: PreparedAvatar, pose: Pose) -> RGBFrame:
         borderMode=cv2.BORDER_REPLICATE,
     )
     if cavity is not None:
-        _paint_cavity(a, warped, pose, *cavity)
+        _paint_cavity(a, warped, *cavity)
     return band
 
 
@@ -900,7 +901,6 @@ def _warp_mouth(a: PreparedAvatar, pose: Pose, map_x: F32, map_y: F32) -> tuple[
 def _paint_cavity(
     a: PreparedAvatar,
     warped: RGBFrame,
-    pose: Pose,
     gap_top: F32,
     gap_bottom: F32,
     row_ys: F32,
