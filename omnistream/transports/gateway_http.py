@@ -539,6 +539,10 @@ async def stt_models(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": data})
 
 
+OPENAI_IMAGE_SIZES = ("256x256", "512x512", "768x768", "1024x1024", "1024x1536", "1536x1024",
+                      "1024x1792", "1792x1024")
+
+
 def _is_image_spec(tasks: tuple[str, ...]) -> bool:
     return any("image" in t and not t.endswith("video") for t in tasks)
 
@@ -553,8 +557,13 @@ async def image_models(request: Request) -> Response:
             continue
         caps = spec.capabilities if isinstance(spec.capabilities, dict) else {}
         reason = spec.unavailable_reason()
+        sizes = list(caps.get("sizes", []))
+        if not sizes:  # the OpenAI sizes within the model's pixel limit
+            limit = int((caps.get("limits") or {}).get("max_pixels", 1024 * 1024))
+            sizes = [s for s in OPENAI_IMAGE_SIZES
+                     if int(s.split("x")[0]) * int(s.split("x")[1]) <= limit]
         data.append({"id": spec.id, "object": "model", "owned_by": spec.owned_by,
-                     "sizes": list(caps.get("sizes", [])),
+                     "sizes": sizes,
                      "capabilities": [t for t in spec.tasks],
                      "available": reason is None, "reason": reason or ""})
     return JSONResponse({"object": "list", "data": data})
