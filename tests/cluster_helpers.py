@@ -202,6 +202,7 @@ class Cluster:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.haproxy_proc.wait(timeout=10)
         self.stop_redis()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def make_cluster(n: int = 2, **settings: str) -> Cluster:
