@@ -336,7 +336,9 @@ def main() -> int:
 
 def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over the interleaved rounds."""
-    med = statistics.median
+    def med(values: Any) -> float:
+        return round(float(statistics.median(values)), 3)
+
     out: dict[str, Any] = {
         "direct_images_per_s": med(r["direct"]["images_per_s"] for r in rounds),
         "served": [],
