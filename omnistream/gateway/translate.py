@@ -174,29 +174,100 @@ class ChunkAccumulator:
 # -- OpenAI request checks -----------------------------------------------------------------
 
 
+def _bad(message: str, param: str) -> Exception:
+    return invalid_request(message, param, "invalid_messages" if param.startswith("messages")
+                           else "invalid_request")
+
+
+def _check_part(part: Any, where: str) -> None:
+    if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+        raise _bad(f"{where} must be an object with a 'type'", where)
+    if part["type"] == "text" and not isinstance(part.get("text"), str):
+        raise _bad(f"{where}.text must be a string", where)
+    if part["type"] == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        if not isinstance(url, str):
+            raise _bad(f"{where}.image_url.url must be a string", where)
+
+
+def _check_tool_call(call: Any, where: str) -> None:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise _bad(f"{where} must be {{id, type: function, function: {{name, arguments}}}}",
+                   where)
+    if fn.get("arguments") is not None and not isinstance(fn["arguments"], str | dict):
+        raise _bad(f"{where}.function.arguments must be a JSON string", where)
+    if call.get("id") is not None and not isinstance(call["id"], str):
+        raise _bad(f"{where}.id must be a string", where)
+
+
 def check_openai_request(body: dict[str, Any]) -> None:
-    """Reject a malformed chat body with a 400 before any upstream sees it."""
+    """Reject a malformed chat body with a 400 before any upstream (or translator) sees it.
+
+    Every translator may then rely on the shapes checked here, so a caller's odd value
+    is a 400 naming the field, never a 500 from deep inside a translation.
+    """
     messages = _require_list(body.get("messages"), "messages")
     if not messages:
         raise invalid_request("'messages' must not be empty", "messages", "invalid_messages")
     for i, message in enumerate(messages):
+        where = f"messages[{i}]"
         if not isinstance(message, dict) or message.get("role") not in (
             "system", "developer", "user", "assistant", "tool", "function"
         ):
-            raise invalid_request(
-                f"messages[{i}] must be an object with a role of system, developer, user, "
-                "assistant or tool", f"messages[{i}]", "invalid_messages")
+            raise _bad(f"{where} must be an object with a role of system, developer, user, "
+                       "assistant or tool", where)
         content = message.get("content")
         if content is not None and not isinstance(content, str | list):
-            raise invalid_request(f"messages[{i}].content must be a string or a list of parts",
-                                  f"messages[{i}].content", "invalid_messages")
+            raise _bad(f"{where}.content must be a string or a list of parts",
+                       f"{where}.content")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                _check_part(part, f"{where}.content[{j}]")
+        calls = message.get("tool_calls")
+        if calls is not None:
+            if not isinstance(calls, list):
+                raise _bad(f"{where}.tool_calls must be a list", f"{where}.tool_calls")
+            for j, call in enumerate(calls):
+                _check_tool_call(call, f"{where}.tool_calls[{j}]")
+        for key in ("tool_call_id", "name", "reasoning_content", "reasoning_signature"):
+            if message.get(key) is not None and not isinstance(message[key], str):
+                raise _bad(f"{where}.{key} must be a string", f"{where}.{key}")
     tools = body.get("tools")
     if tools is not None:
         for i, tool in enumerate(_require_list(tools, "tools")):
-            if not isinstance(tool, dict) or not isinstance(tool.get("function"), dict) or \
-                    not tool["function"].get("name"):
-                raise invalid_request(f"tools[{i}] must be {{type: function, function: "
-                                      "{name, parameters}}}", f"tools[{i}]")
+            fn = tool.get("function") if isinstance(tool, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
+                    not isinstance(fn.get("parameters") or {}, dict):
+                raise _bad(f"tools[{i}] must be {{type: function, function: {{name, "
+                           "parameters}}}}", f"tools[{i}]")
+    choice = body.get("tool_choice")
+    if choice is not None and not isinstance(choice, str | dict):
+        raise _bad("'tool_choice' must be a string or an object", "tool_choice")
+    if isinstance(choice, dict) and choice.get("function") is not None and \
+            not isinstance(choice["function"], dict):
+        raise _bad("'tool_choice.function' must be an object", "tool_choice")
+    for key in ("stream",):
+        if body.get(key) is not None and not isinstance(body[key], bool):
+            raise _bad(f"'{key}' must be true or false", key)
+    for key in ("stream_options", "thinking"):
+        if body.get(key) is not None and not isinstance(body[key], dict):
+            raise _bad(f"'{key}' must be an object", key)
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = body.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or not 0 < value <= 10_000_000):
+            raise _bad(f"'{key}' must be a positive integer", key)
+    for key in ("temperature", "top_p"):
+        value = body.get(key)
+        if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)
+                                  or not -1e6 < value < 1e6):
+            raise _bad(f"'{key}' must be a number", key)
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, list) and all(isinstance(x, str) for x in stop)):
+        raise _bad("'stop' must be a string or a list of strings", "stop")
 
 
 # -- OpenAI ⇄ Anthropic ------------------------------------------------------------------

@@ -104,6 +104,19 @@ def _model(body: dict[str, Any]) -> str:
     return model.strip()
 
 
+def _translated(convert: Callable[[dict[str, Any]], dict[str, Any]],
+                body: dict[str, Any]) -> dict[str, Any]:
+    """A caller's body in chat-completions form; a shape the translator cannot read is a
+    400 (the chat checks then judge the result field by field)."""
+    try:
+        return convert(body)
+    except GatewayError:
+        raise
+    except (TypeError, AttributeError, ValueError, KeyError) as exc:
+        raise GatewayError(400, "invalid_request",
+                           f"Malformed request body: {type(exc).__name__}: {exc}") from None
+
+
 def _sse_data(data: Any) -> bytes:
     return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
@@ -141,7 +154,8 @@ async def _chat(request: Request, provider: str | None) -> Response:
         gateway = gateway_of(get_state(request))
         if not body.get("stream"):
             return JSONResponse(await gateway.chat(model, body))
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
         stream = gateway.chat_stream(model, body)
         first = await _first(stream)
     except GatewayError as exc:
@@ -193,7 +207,7 @@ async def messages(request: Request) -> Response:
         if body.get("max_tokens") is None:
             raise GatewayError(400, "invalid_request", "'max_tokens' is required",
                                param="max_tokens")
-        chat_body = anthropic_to_openai_request(body)
+        chat_body = _translated(anthropic_to_openai_request, body)
         gateway = gateway_of(get_state(request))
         if not body.get("stream"):
             result = await gateway.chat(model, chat_body)
@@ -236,7 +250,7 @@ async def count_tokens(request: Request) -> Response:
     try:
         body = await _json(request)
         model = _model(body)
-        anthropic_to_openai_request(body)  # the same checks as /messages
+        _translated(anthropic_to_openai_request, body)  # the same checks as /messages
         gateway = gateway_of(get_state(request))
         counted = await gateway.count_tokens(model, {k: v for k, v in body.items()
                                                       if k != "model"})
@@ -262,7 +276,7 @@ async def responses(request: Request) -> Response:
                                "previous_response_id is not supported: this gateway stores "
                                "no responses; send the whole conversation in 'input'",
                                param="previous_response_id")
-        chat_body = responses_to_openai_request(body)
+        chat_body = _translated(responses_to_openai_request, body)
         gateway = gateway_of(get_state(request))
         if not body.get("stream"):
             result = await gateway.chat(model, chat_body)
@@ -300,7 +314,7 @@ async def ollama_chat(request: Request) -> Response:
     try:
         body = await _json(request)
         model = _model(body)
-        chat_body = ollama_to_openai_request(body)
+        chat_body = _translated(ollama_to_openai_request, body)
         gateway = gateway_of(get_state(request))
         if not chat_body.get("stream", True):
             result = await gateway.chat(model, chat_body)
@@ -362,10 +376,26 @@ async def _embeddings(request: Request, provider: str | None) -> Response:
             raise GatewayError(400, "invalid_encoding_format",
                                "encoding_format must be 'float' or 'base64'",
                                param="encoding_format")
+        _check_embedding_input(body.get("input"))
         return JSONResponse(await gateway_of(state).embeddings(name, body))
     except GatewayError as exc:
         _count_error(request, "gateway.embeddings", exc)
         return _openai_error(exc)
+
+
+def _check_embedding_input(value: Any) -> None:
+    """``input``: a string, or a non-empty list of strings, of token ids, or of id lists."""
+    def tokens(item: Any) -> bool:
+        return isinstance(item, list) and bool(item) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in item)
+
+    ok = (isinstance(value, str) and value != "") or (
+        isinstance(value, list) and bool(value)
+        and (all(isinstance(v, str) for v in value) or tokens(value)
+             or all(tokens(v) for v in value)))
+    if not ok:
+        raise GatewayError(400, "invalid_input", "'input' must be a string or a non-empty "
+                           "list of strings (or of token ids)", param="input")
 
 
 @_both("/embeddings")
