@@ -562,7 +562,8 @@ class RealtimeConnection:
         if spec is None:
             return voice, ""
         try:
-            return voice, resolve_voice(spec, voice, openai_names=True)
+            aliases = self.state.settings.voice_aliases
+            return voice, resolve_voice(spec, voice, openai_names=True, aliases=aliases)
         except TtsRequestError as exc:
             raise AgentError("invalid_value", exc.message,
                              param="session.audio.output.voice") from exc
