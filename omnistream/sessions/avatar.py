@@ -539,6 +539,8 @@ class AvatarService:
         prepare_priority = Priority.SETUP if priority == Priority.REALTIME else priority
 
         async def build() -> Reference:
+            if priority != Priority.REALTIME:
+                return await prepare()  # offline jobs: bounded by the job queue instead
             async with self._setup_slots:
                 if abandoned is not None and abandoned():
                     self.setups_abandoned += 1
