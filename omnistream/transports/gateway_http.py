@@ -22,12 +22,28 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
 
 from omnistream import __version__
 from omnistream.gateway import fetcher_of, gateway_of
 from omnistream.gateway import local as local_models
 from omnistream.gateway.errors import GatewayError
 from omnistream.gateway.minilm import MODEL_ID
+from omnistream.gateway.schemas import (
+    ChatCompletionBody,
+    CountTokensBody,
+    EmbeddingsBody,
+    MessagesBody,
+    ModerationsBody,
+    OllamaChatBody,
+    ProviderImagesBody,
+    RerankBody,
+    ResponsesBody,
+    VariationsForm,
+    WebFetchBody,
+    WebSearchBody,
+)
 from omnistream.gateway.translate import (
     OpenAIToAnthropicStream,
     OpenAIToOllamaStream,
@@ -39,6 +55,7 @@ from omnistream.gateway.translate import (
     openai_to_responses_response,
     responses_to_openai_request,
 )
+from omnistream.transports.request_schemas import TranscriptionForm, body_of, json_body
 from omnistream.transports.state import AppState, get_state
 from omnistream.transports.ws_common import off_loop
 
@@ -53,15 +70,25 @@ MAX_QUERY_CHARS = 2000
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def _both(path: str, method: str = "POST") -> Callable[[Handler], Handler]:
-    """Register a handler under ``/v1{path}`` and ``/api/v1{path}``."""
+def _both(path: str, method: str = "POST",
+          body: type[BaseModel] | None = None) -> Callable[[Handler], Handler]:
+    """Register a handler under ``/v1{path}`` and ``/api/v1{path}`` (with its documented
+    JSON body, if any)."""
 
     def register(func: Handler) -> Handler:
+        extra = json_body(body) if body is not None else None
         for prefix in PREFIXES:
-            router.add_api_route(prefix + path, func, methods=[method])
+            router.add_api_route(prefix + path, func, methods=[method], openapi_extra=extra)
         return func
 
     return register
+
+
+def _alias(path: str, endpoint: Any, source: APIRouter, method: str = "POST") -> None:
+    """Serve another router's handler under ``path`` too, with its documented body."""
+    extra = next((r.openapi_extra for r in source.routes
+                  if isinstance(r, APIRoute) and r.endpoint is endpoint), None)
+    router.add_api_route(path, endpoint, methods=[method], openapi_extra=extra)
 
 
 # -- request and error plumbing -------------------------------------------------------------
@@ -178,7 +205,7 @@ async def _chat(request: Request, provider: str | None) -> Response:
     return _stream_response(events(), "text/event-stream")
 
 
-@_both("/chat/completions")
+@_both("/chat/completions", body=ChatCompletionBody)
 async def chat_completions(request: Request) -> Response:
     """OpenAI chat completions, routed by ``model`` (combo, alias, ``provider/model``)."""
     return await _chat(request, None)
@@ -191,13 +218,14 @@ async def provider_chat_completions(request: Request) -> Response:
 
 for _prefix in PREFIXES:
     router.add_api_route(_prefix + "/providers/{provider}/chat/completions",
-                         provider_chat_completions, methods=["POST"])
+                         provider_chat_completions, methods=["POST"],
+                         openapi_extra=json_body(ChatCompletionBody))
 
 
 # -- Anthropic messages ---------------------------------------------------------------------
 
 
-@_both("/messages")
+@_both("/messages", body=MessagesBody)
 async def messages(request: Request) -> Response:
     """Anthropic Messages, served by any chat provider (translated both ways)."""
     route = "gateway.messages"
@@ -243,7 +271,7 @@ def _estimate_tokens(body: dict[str, Any]) -> int:
     return max(1, len(text) // 4)
 
 
-@_both("/messages/count_tokens")
+@_both("/messages/count_tokens", body=CountTokensBody)
 async def count_tokens(request: Request) -> Response:
     """Anthropic token count: the provider's own when the model routes to Anthropic,
     else an estimate (four characters a token)."""
@@ -264,7 +292,7 @@ async def count_tokens(request: Request) -> Response:
 # -- Responses ------------------------------------------------------------------------------
 
 
-@_both("/responses")
+@_both("/responses", body=ResponsesBody)
 async def responses(request: Request) -> Response:
     """OpenAI Responses, stateless: ``previous_response_id`` is refused (nothing is stored)."""
     route = "gateway.responses"
@@ -341,7 +369,8 @@ async def ollama_chat(request: Request) -> Response:
 
 
 for _path in ("/api/chat", "/v1/api/chat", "/api/v1/api/chat"):
-    router.add_api_route(_path, ollama_chat, methods=["POST"])
+    router.add_api_route(_path, ollama_chat, methods=["POST"],
+                         openapi_extra=json_body(OllamaChatBody))
 
 
 @router.get("/api/tags")
@@ -398,7 +427,7 @@ def _check_embedding_input(value: Any) -> None:
                            "list of strings (or of token ids)", param="input")
 
 
-@_both("/embeddings")
+@_both("/embeddings", body=EmbeddingsBody)
 async def embeddings(request: Request) -> Response:
     """OpenAI embeddings: the local MiniLM (``local/all-minilm-l6-v2``) or a provider's."""
     return await _embeddings(request, None)
@@ -411,10 +440,10 @@ async def provider_embeddings(request: Request) -> Response:
 
 for _prefix in PREFIXES:
     router.add_api_route(_prefix + "/providers/{provider}/embeddings", provider_embeddings,
-                         methods=["POST"])
+                         methods=["POST"], openapi_extra=json_body(EmbeddingsBody))
 
 
-@_both("/rerank")
+@_both("/rerank", body=RerankBody)
 async def rerank(request: Request) -> Response:
     """Cohere/Jina-style rerank on the local model: ``results`` best first.
 
@@ -435,7 +464,7 @@ async def rerank(request: Request) -> Response:
         return _openai_error(exc)
 
 
-@_both("/moderations")
+@_both("/moderations", body=ModerationsBody)
 async def moderations(request: Request) -> Response:
     """OpenAI moderations, from a provider of kind ``openai``."""
     try:
@@ -453,7 +482,7 @@ async def moderations(request: Request) -> Response:
 # -- web tools --------------------------------------------------------------------------------
 
 
-@_both("/web/search")
+@_both("/web/search", body=WebSearchBody)
 async def web_search(request: Request) -> Response:
     """Unified web search: ``{answer?, results: [{url, title, content, score}]}``."""
     try:
@@ -481,7 +510,7 @@ async def web_search(request: Request) -> Response:
         return _openai_error(exc)
 
 
-@_both("/web/fetch")
+@_both("/web/fetch", body=WebFetchBody)
 async def web_fetch(request: Request) -> Response:
     """Fetch a page as markdown, html or text: ``local/fetch`` (SSRF-checked) or a provider."""
     try:
@@ -648,10 +677,9 @@ def _mount_media_aliases() -> None:
     """Serve the existing speech, transcription and image handlers under ``/api/v1``."""
     from omnistream.transports import generate_http, tts_http
 
-    router.add_api_route("/api/v1/audio/speech", tts_http.openai_speech, methods=["POST"])
-    router.add_api_route("/api/v1/models/tts", tts_http.tts_voices, methods=["GET"])
-    router.add_api_route("/api/v1/audio/transcriptions", generate_http.transcriptions,
-                         methods=["POST"])
+    _alias("/api/v1/audio/speech", tts_http.openai_speech, tts_http.router)
+    _alias("/api/v1/models/tts", tts_http.tts_voices, tts_http.router, "GET")
+    _alias("/api/v1/audio/transcriptions", generate_http.transcriptions, generate_http.router)
     if importlib.util.find_spec("omnistream.transports.images_http") is None:
         return
     from omnistream.transports import images_http
@@ -663,13 +691,14 @@ def _mount_media_aliases() -> None:
         for path in ("/api/v1/images/generations",
                      "/v1/providers/local/images/generations",
                      "/api/v1/providers/local/images/generations"):
-            router.add_api_route(path, generations, methods=["POST"])
+            _alias(path, generations, images_http.router)
     if edits is not None:
-        router.add_api_route("/api/v1/images/edits", edits, methods=["POST"])
+        _alias("/api/v1/images/edits", edits, images_http.router)
     if variations is None:
         variations = images_variations
     for prefix in PREFIXES:
-        router.add_api_route(prefix + "/images/variations", variations, methods=["POST"])
+        router.add_api_route(prefix + "/images/variations", variations, methods=["POST"],
+                             openapi_extra=body_of({"multipart/form-data": VariationsForm}))
 
 
 async def images_variations(request: Request) -> Response:
@@ -747,10 +776,11 @@ async def audio_translations(request: Request) -> Response:
 
 
 for _prefix in PREFIXES:
-    router.add_api_route(_prefix + "/audio/translations", audio_translations, methods=["POST"])
+    router.add_api_route(_prefix + "/audio/translations", audio_translations, methods=["POST"],
+                         openapi_extra=body_of({"multipart/form-data": TranscriptionForm}))
 
 _mount_media_aliases()
 # After the local routes above: `providers/local/...` is matched first.
 for _prefix in PREFIXES:
     router.add_api_route(_prefix + "/providers/{provider}/images/generations", provider_images,
-                         methods=["POST"])
+                         methods=["POST"], openapi_extra=json_body(ProviderImagesBody))
