@@ -69,7 +69,11 @@ async def start_gateway(state: AppState) -> Gateway:
     existing = state.extras.get(_KEY)
     if isinstance(existing, Gateway):
         return existing
-    return _install(state, await asyncio.to_thread(_build, state))
+    built = await asyncio.to_thread(_build, state)
+    installed = _install(state, built)
+    if installed is not built:  # a request built one meanwhile: keep that one
+        await built.aclose()
+    return installed
 
 
 def gateway_of(state: AppState) -> Gateway:

@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry
 from omnistream.gateway.breaker import CircuitBreaker
 from omnistream.gateway.config import CHAT_KINDS, WEB_KINDS, GatewayConfig
 from omnistream.gateway.errors import GatewayError
-from omnistream.gateway.metrics import BREAKER_VALUE, GatewayMetrics
+from omnistream.gateway.metrics import BREAKER_VALUE, gateway_metrics
 from omnistream.gateway.providers import (
     AnthropicUpstream,
     ClientShards,
@@ -100,7 +100,7 @@ class Gateway:
             name: CircuitBreaker(breaker_failures, breaker_cooldown_s) for name in self.upstreams
         }
         self.discovered: dict[str, tuple[str, ...]] = {}
-        self.metrics = GatewayMetrics(registry or CollectorRegistry())
+        self.metrics = gateway_metrics(registry or CollectorRegistry())
         for name in self.upstreams:
             self.metrics.breaker.labels(name).set(0)
         self._discovery: asyncio.Task[None] | None = None

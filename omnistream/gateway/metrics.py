@@ -6,11 +6,25 @@ labels (provider, route, outcome) live with the code that sets them.
 
 from __future__ import annotations
 
+import weakref
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 GATEWAY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 BREAKER_VALUE = {"closed": 0, "half_open": 1, "open": 2}
+
+_BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, GatewayMetrics] = (
+    weakref.WeakKeyDictionary())
+
+
+def gateway_metrics(registry: CollectorRegistry) -> GatewayMetrics:
+    """The gateway metrics on ``registry``, created once (a second gateway on the same
+    registry, e.g. rebuilt after a failed start, shares them instead of colliding)."""
+    found = _BY_REGISTRY.get(registry)
+    if found is None:
+        found = _BY_REGISTRY[registry] = GatewayMetrics(registry)
+    return found
 
 
 class GatewayMetrics:
