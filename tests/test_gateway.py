@@ -695,3 +695,35 @@ def test_providers_file_errors_name_the_line(text: str, line: int, words: str) -
     with pytest.raises(ProvidersFileError) as err:
         parse_providers(text, "p.yaml")
     assert f"p.yaml:{line}:" in str(err.value) and words in str(err.value)
+
+
+def test_gateway_routes_need_a_key_in_their_own_error_shape(fakes: dict[str, FakeUpstream],
+                                                            tmp_path: Path) -> None:
+    keys = tmp_path / "keys.txt"
+    keys.write_text("sk-gateway-test-key\n")
+    providers = tmp_path / "providers.yaml"
+    providers.write_text(providers_yaml(fakes))
+    with run_server(api_key_file=str(keys), providers_file=str(providers)) as srv:
+        oai = openai.OpenAI(base_url=f"{srv.http}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as denied:
+            oai.chat.completions.create(model="alpha/fake-chat",
+                                        messages=[{"role": "user", "content": "x"}])
+        assert denied.value.code == "invalid_api_key"
+        claude = anthropic.Anthropic(base_url=srv.http, api_key="wrong", max_retries=0)
+        with pytest.raises(anthropic.AuthenticationError) as refused:
+            claude.messages.create(model="alpha/fake-chat", max_tokens=5,
+                                   messages=[{"role": "user", "content": "x"}])
+        body: Any = refused.value.body
+        assert body["type"] == "error" and body["error"]["type"] == "authentication_error"
+        with httpx.Client(base_url=srv.http, timeout=20) as client:
+            for path in ("/api/v1", "/api/v1/models", "/v1/models/web", "/api/chat",
+                         "/api/v1/rerank", "/v1/web/fetch"):
+                method = "GET" if "models" in path or path == "/api/v1" else "POST"
+                assert client.request(method, path, json={}).status_code == 401, path
+        good = openai.OpenAI(base_url=f"{srv.http}/v1", api_key="sk-gateway-test-key",
+                             max_retries=0)
+        reply = good.chat.completions.create(model="alpha/fake-chat",
+                                             messages=[{"role": "user", "content": "k"}])
+        assert reply.choices[0].message.content == "alpha: k"
+    assert all(h.get("authorization") != "Bearer sk-gateway-test-key"
+               for h in fakes["alpha"].headers)  # the caller's key never goes upstream
