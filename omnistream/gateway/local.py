@@ -110,7 +110,7 @@ async def embeddings(state: AppState, body: dict[str, Any]) -> dict[str, Any]:
     data = []
     for i, vector in enumerate(result.vectors):
         value: Any = (base64.b64encode(vector.astype("<f4").tobytes()).decode()
-                      if fmt == "base64" else [float(x) for x in vector])
+                      if fmt == "base64" else vector.tolist())
         data.append({"object": "embedding", "index": i, "embedding": value})
     return {"object": "list", "data": data, "model": f"local/{MODEL_ID}",
             "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens}}
