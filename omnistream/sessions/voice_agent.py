@@ -16,7 +16,7 @@ Audio deltas carry raw s16le 24 kHz bytes in ``delta``: encoding is the transpor
 Why the pieces are shaped this way:
 
 * **VAD off the loop, and off the GIL.** Silero runs 512-sample windows (32 ms at 16 kHz,
-  ~1 ms each) in a worker process shared by every session (:mod:`vad_process`: its C code
+  ~1 ms each) in worker processes shared by every session (:mod:`vad_process`: its C code
   holds the GIL, so a thread would still stall the loop); the per-window state machine
   (threshold with hysteresis, prefix padding, silence duration) runs on the loop.
 * **Speculative transcription.** Whisper cannot stream, so the turn is transcribed when
