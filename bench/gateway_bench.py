@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -49,6 +50,35 @@ def serve_fake(port: int, failing: bool) -> None:
                 log_level="warning", lifespan="off", loop="uvloop")
 
 
+class ShardedClient:
+    """Round robin over several httpx clients: one client's pool costs more per request
+    the more requests are in flight (the reason the gateway shards too), which at 64
+    concurrent requests would make this client, not the servers, the bottleneck."""
+
+    def __init__(self, shards: int = 16, timeout: float = 60) -> None:
+        self.clients = [httpx.AsyncClient(timeout=timeout) for _ in range(shards)]
+        self._next = itertools.cycle(self.clients)
+
+    def pick(self) -> httpx.AsyncClient:
+        return next(self._next)
+
+    async def post(self, url: str, **kwargs: Any) -> httpx.Response:
+        return await self.pick().post(url, **kwargs)
+
+    def stream(self, method: str, url: str, **kwargs: Any) -> Any:
+        return self.pick().stream(method, url, **kwargs)
+
+    async def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        return await self.pick().get(url, **kwargs)
+
+    async def __aenter__(self) -> ShardedClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for client in self.clients:
+            await client.aclose()
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -79,7 +109,7 @@ class Samples:
         return out
 
 
-async def run_load(client: httpx.AsyncClient, url: str, body: dict[str, Any],
+async def run_load(client: ShardedClient, url: str, body: dict[str, Any],
                    concurrency: int, total: int, stream: bool, samples: Samples) -> None:
     """``total`` requests from ``concurrency`` workers, timed into ``samples``."""
     queue: asyncio.Queue[int] = asyncio.Queue()
@@ -138,9 +168,8 @@ async def overhead(fake: str, gateway: str, quick: bool) -> dict[str, Any]:
     prompt = " ".join(f"w{i}" for i in range(STREAM_WORDS))
     messages = [{"role": "user", "content": prompt}]
     results: dict[str, Any] = {}
-    limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
     rounds = 3 if quick else 10
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+    async with ShardedClient(timeout=60) as client:
         for stream in (False, True):
             for concurrency, per_round in ((1, 20), (64, 128)):
                 key = f"{'stream' if stream else 'request'}_c{concurrency}"
@@ -232,8 +261,7 @@ def model_batching(quick: bool) -> dict[str, Any]:
 async def embeddings(gateway: str, quick: bool) -> dict[str, Any]:
     texts = [f"sentence number {i} about cats, markets and the weather" for i in range(256)]
     out: dict[str, Any] = {}
-    limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+    async with ShardedClient(timeout=120) as client:
         url = f"{gateway}/v1/embeddings"
         await client.post(url, json={"model": "local/all-minilm-l6-v2", "input": "warm up"})
         n = 40 if quick else 200

