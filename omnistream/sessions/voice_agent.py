@@ -22,7 +22,8 @@ Why the pieces are shaped this way:
 * **Speculative transcription.** Whisper cannot stream, so the turn is transcribed when
   it ends; but the silence that ends a turn (``silence_duration_ms``) adds no words, so
   transcription starts a little into that silence and its result is used if the person
-  stays silent. That takes Whisper's time out of the voice-to-voice latency.
+  stays silent. That takes Whisper's time out of the voice-to-voice latency; the turn is
+  encoded in a window fitted to it (``fit_window``), not Whisper's full 30 s.
 * **Text deltas straight into TTS.** The LLM's deltas go to a :class:`TtsStream` as they
   arrive; its segmenter starts speaking at the first clause.
 * **Paced output.** Audio leaves at real time plus ``output_lead_ms``: the player on the
