@@ -93,6 +93,8 @@ class Gateway:
         self.config = config
         self.deadline_s = deadline_s
         self.clients = clients or ClientShards()
+        if config.providers:
+            self.clients.prepare()  # here, in start_gateway's thread, not on the loop
         self.upstreams: dict[str, Upstream] = {
             name: make_upstream(cfg, self.clients) for name, cfg in config.providers.items()
         }

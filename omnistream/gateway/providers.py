@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -80,19 +80,31 @@ class ClientShards:
     """
 
     def __init__(self, shards: int = 32, *, max_connections: int = 1024) -> None:
+        self.shards = max(1, shards)
+        self.max_connections = max_connections
+        self.clients: list[httpx.AsyncClient] = []
+        self._next: Iterator[httpx.AsyncClient] = iter(())
+
+    def prepare(self) -> None:
+        """Build the clients now (blocking: call it off the loop). A server with no
+        providers never needs them, so nothing is built until this or :meth:`pick`."""
+        if self.clients:
+            return
         verify = httpx.create_ssl_context()
-        per_shard = max(4, max_connections // max(1, shards))
+        per_shard = max(4, self.max_connections // self.shards)
         self.clients = [
             httpx.AsyncClient(
                 trust_env=True, verify=verify, follow_redirects=False,
                 limits=httpx.Limits(max_connections=per_shard,
                                     max_keepalive_connections=min(per_shard, 16)))
-            for _ in range(max(1, shards))
+            for _ in range(self.shards)
         ]
         self._next = itertools.cycle(self.clients)
 
     def pick(self) -> httpx.AsyncClient:
         """The next client (a whole request, stream included, stays on one)."""
+        if not self.clients:
+            self.prepare()
         return next(self._next)
 
     async def aclose(self) -> None:
