@@ -727,3 +727,18 @@ def test_gateway_routes_need_a_key_in_their_own_error_shape(fakes: dict[str, Fak
         assert reply.choices[0].message.content == "alpha: k"
     assert all(h.get("authorization") != "Bearer sk-gateway-test-key"
                for h in fakes["alpha"].headers)  # the caller's key never goes upstream
+
+
+def test_request_deadline_bounds_every_fallback(fakes: dict[str, FakeUpstream],
+                                                tmp_path: Path) -> None:
+    providers = tmp_path / "providers.yaml"
+    providers.write_text(providers_yaml(fakes).replace("timeout_s: 1.5", "timeout_s: 30"))
+    fakes["alpha"].faults.hang_s = 3.0
+    with run_server(providers_file=str(providers), gateway_deadline_s=1.0) as srv, \
+            httpx.Client(base_url=srv.http, timeout=20) as client:
+        started = time.monotonic()
+        r = client.post("/v1/chat/completions", json={
+            "model": "auto", "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+        assert time.monotonic() - started < 2.5
+    assert fakes["beta"].calls == 0  # the deadline is for the whole walk
