@@ -59,6 +59,7 @@ def speech(agent_server: RunningServer) -> dict[str, bytes]:
             "capital": "What is the capital of France?",
             "story": "Please tell me a long story.",
             "stop": "Stop, please.",
+            "yes": "Yes.",
         }.items():
             r = client.post(agent_server.http + "/v1/audio/speech", json={
                 "model": "tts-1", "input": text, "voice": "alloy", "response_format": "pcm"})
@@ -285,6 +286,14 @@ async def test_an_audio_item_is_transcribed_for_the_llm(
         done = await _until(conn, "response.done", seen)
         assert done["response"]["status"] == "completed"
         assert "capital" in fake_llm.requests[-1]["messages"][-1]["content"].lower()
+        # A one-word turn: Whisper's fitted window must not make it repeat itself.
+        await conn.conversation.item.create(item={
+            "type": "message", "role": "user",
+            "content": [{"type": "input_audio",
+                         "audio": base64.b64encode(speech["yes"]).decode()}]})
+        heard = await _until(conn, "conversation.item.input_audio_transcription.completed",
+                             seen)
+        assert heard["transcript"].strip(" .!").lower() == "yes"
 
 
 async def test_protocol_errors_keep_the_socket(agent_server: RunningServer) -> None:
