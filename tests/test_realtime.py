@@ -314,6 +314,14 @@ async def test_protocol_errors_keep_the_socket(agent_server: RunningServer) -> N
         error = await _until(conn, "error", seen)
         assert error["error"]["event_id"] == "evt_3"
         assert error["error"]["param"] == "session.audio.input.format.rate"
+        # An OpenAI model name in an update: the rest applies, the model gets an error.
+        await conn.send({"type": "session.update", "event_id": "evt_m", "session": {
+            "type": "realtime", "model": "gpt-realtime", "instructions": "Be terse."}})
+        updated = await _until(conn, "session.updated", seen)
+        assert (updated["session"]["model"], updated["session"]["instructions"]) == (
+            MODEL, "Be terse.")
+        error = await _until(conn, "error", seen)
+        assert (error["error"]["code"], error["error"]["event_id"]) == ("invalid_model", "evt_m")
         await conn.send({"type": "input_audio_buffer.commit", "event_id": "evt_4"})
         error = await _until(conn, "error", seen)
         assert error["error"]["code"] == "input_audio_buffer_commit_empty"

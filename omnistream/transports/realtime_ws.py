@@ -284,6 +284,7 @@ class RealtimeConnection:
             state.settings.realtime_max_queued_events
         )
         self._overflow = False
+        self._model_refused: AgentError | None = None
         self._out_resampler: StreamResampler | None = None
         self._out_response: str | None = None
         session.on_event = self._enqueue
@@ -406,6 +407,8 @@ class RealtimeConnection:
             updated = ("transcription_session.updated" if kind == "transcription_session.update"
                        else "session.updated")
             session.emit({"type": updated, "session": self.session_object()})
+            if self._model_refused is not None:
+                session.report(self._model_refused, event_id)
         elif kind == "input_audio_buffer.commit":
             session.commit_input()
         elif kind == "input_audio_buffer.clear":
@@ -497,16 +500,21 @@ class RealtimeConnection:
                              f"connection and cannot become {kind!r}", param="session.type")
         audio = _obj(data.get("audio"))
         audio_in, audio_out = _obj(audio.get("input")), _obj(audio.get("output"))
-        if "model" in data and agent.kind == "realtime":
+        self._model_refused = None
+        if "model" in data and agent.kind == "realtime" and data["model"] != agent.model:
             model = data["model"]
-            if not isinstance(model, str) or not has_model(self.state, model):
-                raise AgentError(
+            if isinstance(model, str) and has_model(self.state, model):
+                agent.model = model
+                if self.session.llm is None:
+                    self.session.llm = chat_stream(self.state)
+            else:
+                # Clients written for OpenAI often name their model in every update; the
+                # rest of the update still applies, and the model gets its own error.
+                self._model_refused = AgentError(
                     "invalid_model",
-                    f"Model {model!r} is not served here: use a provider/model of the "
-                    "server's providers file", param="session.model")
-            agent.model = model
-            if self.session.llm is None:
-                self.session.llm = chat_stream(self.state)
+                    f"Model {model!r} is not served here (the session keeps "
+                    f"{agent.model!r}): use a provider/model of the server's providers file",
+                    param="session.model")
         if "instructions" in data:
             text = data["instructions"]
             if not isinstance(text, str) or len(text) > MAX_INSTRUCTIONS_CHARS:
