@@ -281,6 +281,14 @@ def test_responses_api(oai: openai.OpenAI, fakes: dict[str, FakeUpstream]) -> No
                                 tools=[tool])  # type: ignore[list-item]
     call = next(o for o in resp.output if o.type == "function_call")
     assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+    events = list(oai.responses.create(model="claude/claude-fake", input="weather?",
+                                       tools=[tool], stream=True))  # type: ignore[list-item]
+    args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert json.loads(args) == {"city": "Paris"}
+    done = events[-1].response  # type: ignore[union-attr]
+    streamed = next(o for o in done.output if o.type == "function_call")
+    assert streamed.name == "get_weather" and json.loads(streamed.arguments) == {"city": "Paris"}
+    assert any(o.type == "reasoning" for o in done.output)  # the upstream's thinking
     follow = oai.responses.create(model="alpha/fake-chat", input=[
         {"role": "user", "content": "weather?"},
         {"type": "function_call", "call_id": call.call_id, "name": "get_weather",
