@@ -356,7 +356,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     lines += ["", "## Failover", "", "```json", json.dumps(report["failover"], indent=2), "```",
               "", "## Format translation alone (µs per call, this process)", "", "```json",
               json.dumps(report["translation_us"], indent=2), "```",
-              "", "## Local embeddings (all-MiniLM-L6-v2, numpy, one runner thread)", "",
+              "", "## Local embeddings (all-MiniLM-L6-v2, onnxruntime, one runner thread)", "",
               "Through the server (HTTP, JSON, the shared runner):", "",
               "```json", json.dumps(report["embeddings"], indent=2), "```", "",
               "The model alone, by batch size:", "",
