@@ -163,6 +163,9 @@ class EdgeMiddleware:
             principal = PUBLIC
         elif auth.enabled and not exempt and not (method == "OPTIONS" and origin):
             refused = self._authorise(auth, rule, credential)
+            if (isinstance(refused, tuple) and refused[2] == 403
+                    and KEY_OPTIONAL_PATHS.match(path)):
+                refused = PUBLIC  # a key without the scope sees what no key sees
             if isinstance(refused, tuple):
                 auth.requests.labels(refused[0], refused[1]).inc()
                 await _refuse(scope, send, rule, *refused[2:])

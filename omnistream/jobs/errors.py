@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 class GenerateError(Exception):
     """A request that cannot run as given; ``status`` maps to HTTP, ``code`` is stable.
@@ -10,11 +12,20 @@ class GenerateError(Exception):
     discovers a problem with its inputs; never for a bug on the server's side.
     """
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str] | None:
+        """``Retry-After`` for a 429 (the error's own wait, else 5 s)."""
+        if self.status != 429:
+            return None
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after or 5)))}
 
     def as_dict(self) -> dict[str, str]:
         """The ``error`` object of an error response."""

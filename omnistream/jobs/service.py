@@ -194,7 +194,7 @@ class JobService:
         try:
             self.state.auth.check_queued_jobs(caller, active)
         except QuotaExceeded as exc:
-            raise GenerateError(429, "rate_limited", exc.message) from exc
+            raise GenerateError(429, "rate_limited", exc.message, exc.retry_after) from exc
 
     async def run_sync(
         self, request: GenerateRequest, uploads: dict[str, Upload] | None = None

@@ -161,7 +161,8 @@ async def upload(request: Request, task_id: str, field: str) -> Response:
     )
 
 
-@router.api_route("/api/omni/files/{task_id}/{file_id}", methods=["GET", "HEAD"])
+@router.head("/api/omni/files/{task_id}/{file_id}", include_in_schema=False)
+@router.get("/api/omni/files/{task_id}/{file_id}")
 async def output_file(request: Request, task_id: str, file_id: str) -> Response:
     """An output file (signed URL, no key), with its content type and range requests."""
     query = request.query_params

@@ -54,7 +54,7 @@ def error_response(
     """``{"error": {code, message, type}}`` with the error's status."""
     if request is not None:
         get_state(request).metrics.protocol_errors.labels(route, exc.code).inc()
-    headers = {"Retry-After": "5"} if exc.status == 429 else None
+    headers = exc.headers()
     return JSONResponse({"error": exc.as_dict()}, status_code=exc.status, headers=headers)
 
 

@@ -63,7 +63,7 @@ def openai_error(exc: GenerateError, request: Request, route: str) -> JSONRespon
     """OpenAI's error shape with the error's status (and ``param`` when known)."""
     get_state(request).metrics.protocol_errors.labels(route, exc.code).inc()
     body = {"error": {**exc.as_dict(), "param": None}}
-    headers = {"Retry-After": "5"} if exc.status == 429 else None
+    headers = exc.headers()
     return JSONResponse(body, status_code=exc.status, headers=headers)
 
 
