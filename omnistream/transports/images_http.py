@@ -30,12 +30,21 @@ from omnistream.jobs.inputs import Upload
 from omnistream.jobs.schemas import GenerateRequest
 from omnistream.jobs.service import JobService
 from omnistream.jobs.store import Job
+from omnistream.transports.request_schemas import (
+    ImageEditForm,
+    ImageGenerationBody,
+    VideoBody,
+    VideoForm,
+    body_of,
+    json_body,
+)
 from omnistream.transports.state import get_state
 from omnistream.transports.ws_common import off_loop
 
 log = logging.getLogger(__name__)
 
 router = APIRouter()
+VIDEO_BODY = body_of({"application/json": VideoBody, "multipart/form-data": VideoForm})
 
 #: Model names OpenAI clients send that mean "this server's default for the task".
 OPENAI_IMAGE_ALIASES = frozenset(
@@ -266,7 +275,7 @@ def _common_config(fields: dict[str, Any]) -> tuple[dict[str, Any], str, str]:
     return config, response_format, fmt
 
 
-@router.post("/v1/images/generations")
+@router.post("/v1/images/generations", openapi_extra=json_body(ImageGenerationBody))
 async def images_generations(request: Request) -> Response:
     """OpenAI image generation → a ``text2image`` job, answered when it finishes."""
     service = _service(request)
@@ -315,7 +324,9 @@ def _openai_mask(data: bytes) -> bytes:
         return data  # the task's own decoding answers with the precise 400
 
 
-@router.post("/v1/images/edits")
+@router.post(
+    "/v1/images/edits", openapi_extra=body_of({"multipart/form-data": ImageEditForm})
+)
 async def images_edits(request: Request) -> Response:
     """OpenAI image edit (multipart) → ``inpaint`` with a mask, else ``edit`` or ``image2image``."""
     service = _service(request)
@@ -447,7 +458,7 @@ async def _video_fields(
     return await _json_body(request), {}
 
 
-@router.post("/v1/videos/generations")
+@router.post("/v1/videos/generations", openapi_extra=VIDEO_BODY)
 async def videos_generations(request: Request) -> Response:
     """OmniRT's video route: ``text2video`` (or ``image2video`` with an image), sync or async.
 
@@ -536,7 +547,7 @@ def video_object(job: Job) -> dict[str, Any]:
     }
 
 
-@router.post("/v1/videos")
+@router.post("/v1/videos", openapi_extra=VIDEO_BODY)
 async def create_video(request: Request) -> Response:
     """OpenAI video job: answers the ``Video`` object at once (``status: queued``)."""
     service = _service(request)

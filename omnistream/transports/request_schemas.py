@@ -155,3 +155,59 @@ def body_of(
 def json_body(model: type[BaseModel], *, required: bool = True) -> dict[str, Any]:
     """``openapi_extra`` declaring an ``application/json`` request body."""
     return body_of({"application/json": model}, required=required)
+
+
+class ImageGenerationBody(_Body):
+    """OpenAI ``POST /v1/images/generations`` (``seed`` and the diffusion keys are ours)."""
+
+    prompt: str = Field(description="What to draw")
+    model: str | None = Field(None, description="A local diffusion model id (or dall-e-*)")
+    n: int = Field(1, ge=1, description="Images to make (at most diffusion_max_images)")
+    size: str | None = Field(None, description='"WxH", multiples of 8', examples=["512x512"])
+    response_format: Literal["url", "b64_json"] = "url"
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    quality: str | None = Field(None, description="low | medium | high | standard | hd")
+    seed: int | None = Field(None, description="Same seed and request, same pixels")
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    scheduler: str | None = None
+
+
+class ImageEditForm(_Body):
+    """OpenAI ``POST /v1/images/edits`` (``multipart/form-data``)."""
+
+    image: bytes = Field(json_schema_extra={"format": "binary"})
+    mask: bytes | None = Field(
+        None, json_schema_extra={"format": "binary"},
+        description="PNG whose transparent pixels mark what to repaint",
+    )
+    prompt: str
+    model: str | None = None
+    n: int | None = Field(None, ge=1)
+    size: str | None = None
+    response_format: Literal["url", "b64_json"] | None = None
+    strength: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+
+
+class VideoBody(_Body):
+    """``POST /v1/videos`` (OpenAI) and ``/v1/videos/generations`` (OmniRT's shape)."""
+
+    prompt: str | None = Field(None, description="Required unless an image is given")
+    model: str | None = None
+    image: str | None = Field(None, description="image2video: base64, data URL or file id")
+    size: str | None = Field(None, examples=["256x256"])
+    seconds: float | None = Field(None, gt=0, le=60)
+    num_frames: int | None = Field(None, ge=1)
+    fps: int | None = Field(None, ge=1)
+    seed: int | None = None
+    num_inference_steps: int | None = None
+    async_run: bool | None = Field(None, description="/v1/videos/generations only")
+
+
+class VideoForm(VideoBody):
+    """The video routes as ``multipart/form-data`` (an image file beside the fields)."""
+
+    image: bytes | None = Field(None, json_schema_extra={"format": "binary"})  # type: ignore[assignment]
+    input_reference: bytes | None = Field(None, json_schema_extra={"format": "binary"})
