@@ -10,12 +10,26 @@ is busy per unit (the runner's one thread keeps one batch at a time on it), and 
 sessions on that device must stay under ``target_utilisation`` of its time. Each stage
 belongs to one resource (``cpu`` unless its meter was created for a device), and a
 session is admitted only if every resource it uses has room.
+
+What no meter sees (building and sending WebSocket messages, thread hand-offs, the event
+loop, the garbage collector) still costs CPU, and once rendering got cheap it became half
+of a frame's cost. :meth:`CapacityPlanner.calibrate` compares the process's own CPU time
+with what the meters recorded over the same window and scales CPU demands by that ratio,
+so admission prices the whole server, not just its metered stages.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
+
+#: Metered CPU seconds a calibration window needs before it updates the overhead.
+OVERHEAD_MIN_METERED_S = 0.25
+#: The overhead factor is held to [1, this]: unmetered work that is not the sessions'
+#: (an offline job's own threads) must not shut live admission out.
+MAX_OVERHEAD = 2.5
+OVERHEAD_ALPHA = 0.3
 
 
 class CapacityMeter:
@@ -26,6 +40,7 @@ class CapacityMeter:
         self.warmup = warmup  # first observations pay one-off costs (lazy init, caches)
         self._seen = 0
         self._per_unit: float | None = None
+        self.cpu_seconds_total = 0.0  # every second recorded, warm-up included
         self._lock = threading.Lock()
 
     def record(self, cpu_seconds: float, units: float) -> None:
@@ -34,6 +49,7 @@ class CapacityMeter:
             return
         sample = cpu_seconds / units
         with self._lock:
+            self.cpu_seconds_total += cpu_seconds
             self._seen += 1
             if self._seen <= self.warmup:
                 return
@@ -62,6 +78,31 @@ class CapacityPlanner:
         self.target_utilisation = target_utilisation
         self.meters: dict[str, CapacityMeter] = {}
         self.resources: dict[str, str] = {}  # stage → "cpu" or a device ("cuda")
+        self.overhead = 1.0  # process CPU per metered CPU second (see calibrate)
+        self._window: tuple[float, float] | None = None
+
+    def calibrate(self, process_cpu_s: float | None = None) -> float:
+        """Update :attr:`overhead` from the process CPU spent since the window opened.
+
+        Call it periodically (the session manager does, every second). A window closes
+        once the meters recorded :data:`OVERHEAD_MIN_METERED_S` of CPU; until then the
+        factor stays as it was, so an idle server keeps its last measurement.
+        """
+        process = time.process_time() if process_cpu_s is None else process_cpu_s
+        metered = sum(
+            m.cpu_seconds_total for stage, m in list(self.meters.items())
+            if self.resources.get(stage, "cpu") == "cpu"
+        )
+        if self._window is None:
+            self._window = (process, metered)
+            return self.overhead
+        d_process, d_metered = process - self._window[0], metered - self._window[1]
+        if d_metered < OVERHEAD_MIN_METERED_S:
+            return self.overhead
+        ratio = min(MAX_OVERHEAD, max(1.0, d_process / d_metered))
+        self.overhead += OVERHEAD_ALPHA * (ratio - self.overhead)
+        self._window = (process, metered)
+        return self.overhead
 
     def meter(self, stage: str, resource: str = "cpu") -> CapacityMeter:
         """The meter for one stage of the pipeline, created on first use.
@@ -97,6 +138,8 @@ class CapacityPlanner:
                 return None
             resource = self.resources.get(stage, "cpu")
             out[resource] = out.get(resource, 0.0) + per_unit * units_per_s
+        if "cpu" in out:
+            out["cpu"] *= self.overhead
         return out
 
     def budget(self, resource: str) -> float:

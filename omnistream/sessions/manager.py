@@ -19,6 +19,9 @@ from omnistream.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+#: How often the capacity planner compares process CPU with its meters.
+CALIBRATE_INTERVAL_S = 1.0
+
 
 class CapacityExceeded(Exception):
     """No room for another realtime session; retry after ``retry_after_s`` seconds."""
@@ -156,9 +159,15 @@ class SessionManager:
 
     async def _reap(self) -> None:
         interval = max(0.5, min(5.0, self.idle_timeout_s / 4))
+        next_reap = time.monotonic() + interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(CALIBRATE_INTERVAL_S)
+            # What the meters miss (framing, sends, the loop) is priced in as well.
+            self.planner.calibrate()
             now = time.monotonic()
+            if now < next_reap:
+                continue
+            next_reap = now + interval
             for session in list(self._live.values()):
                 if now - session.last_activity > self.idle_timeout_s:
                     log.info("session %s idle for %.0fs: closing", session.id, self.idle_timeout_s)
