@@ -41,6 +41,7 @@ MAX_REDIRECTS = 5
 MAX_URL_CHARS = 2048
 FORMATS = ("markdown", "html", "text")
 USER_AGENT = f"omnistream-fetch/{__version__}"
+OFFLOAD_BYTES = 64 * 1024  # larger bodies are converted in a worker thread
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -355,6 +356,11 @@ class WebFetcher:
                         current = urljoin(current, response.headers["location"])
                         continue
                     body, truncated = await self._read(response)
+                    # Decoding and converting up to max_bytes of HTML is CPU work: off
+                    # the loop when large, so one big page does not stall other sessions.
+                    if len(body) > OFFLOAD_BYTES:
+                        return await asyncio.to_thread(self._answer, current, response, body,
+                                                       truncated, fmt)
                     return self._answer(current, response, body, truncated, fmt)
                 finally:
                     await response.aclose()
