@@ -343,10 +343,13 @@ class DiffusionModel(BatchModel[Any, Any]):
         if not job.adapters and not self._active_adapters:
             return
         if not hasattr(pipe, "load_lora_weights"):
-            raise ValueError(f"{type(pipe).__name__} does not take LoRA adapters")
+            raise AdapterError(f"{type(pipe).__name__} does not take LoRA adapters")
         names: list[str] = []
         for path, _scale in job.adapters:
-            stat = Path(path).stat()
+            try:
+                stat = Path(path).stat()
+            except OSError as exc:
+                raise AdapterError(f"{Path(path).name} is no longer readable: {exc}") from exc
             cache_key = f"{path}:{stat.st_mtime_ns}:{stat.st_size}"
             name = self._adapter_names.get(cache_key)
             if name is None:
