@@ -159,9 +159,11 @@ class EdgeMiddleware:
             return
 
         principal: Principal = ANONYMOUS
-        if auth.enabled and (signed or (credential is None and KEY_OPTIONAL_PATHS.match(path))):
-            principal = PUBLIC
-        elif auth.enabled and not exempt and not (method == "OPTIONS" and origin):
+        preflight = method == "OPTIONS" and origin is not None  # browsers send no key there
+        if auth.enabled and (exempt or preflight
+                             or (credential is None and KEY_OPTIONAL_PATHS.match(path))):
+            principal = PUBLIC  # answered without a key, so granted no scope either
+        elif auth.enabled:
             refused = self._authorise(auth, rule, credential)
             if (isinstance(refused, tuple) and refused[2] == 403
                     and KEY_OPTIONAL_PATHS.match(path)):
