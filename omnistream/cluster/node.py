@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from types import FrameType
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from fastapi import APIRouter, FastAPI, Request
@@ -157,7 +158,7 @@ class ClusterNode:
             "cluster node %s (%s) joined via %s; job slots %d, session slots %d%s",
             node.node_id,
             node.url,
-            state.settings.redis_url,
+            _without_password(state.settings.redis_url),
             state.settings.max_running_jobs,
             state.settings.max_sessions,
             f", agent port {state.settings.agent_port}" if node.agent else "",
@@ -299,6 +300,16 @@ class ClusterNode:
             previous(signal.SIGTERM, None)  # uvicorn: graceful shutdown, exit as on SIGTERM
         else:
             signal.raise_signal(signal.SIGINT)
+
+
+def _without_password(url: str | None) -> str:
+    """A Redis URL fit for a log line: its password (``redis://:secret@host``) masked."""
+    parts = urlsplit(url or "")
+    if parts.password is None:
+        return url or ""
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 # -- the session gate --------------------------------------------------------------------
