@@ -86,12 +86,20 @@ class _Worker:
                            daemon=True)
         proc.start()
         child.close()
-        if not parent.poll(START_TIMEOUT_S):
+        try:
+            if not parent.poll(START_TIMEOUT_S):
+                raise RuntimeError("the VAD worker process did not start")
+            try:
+                status, _ = parent.recv()
+            except (EOFError, OSError) as exc:  # it died while starting
+                raise RuntimeError(f"the VAD worker process failed to start: {exc!r}") from exc
+            if status != "ready":
+                raise RuntimeError("the VAD worker process failed to start")
+        except RuntimeError:
+            parent.close()
             proc.kill()
-            raise RuntimeError("the VAD worker process did not start")
-        status, _ = parent.recv()
-        if status != "ready":
-            raise RuntimeError("the VAD worker process failed to start")
+            proc.join(timeout=2)
+            raise
         self.proc, self.conn = proc, parent
         return parent
 
