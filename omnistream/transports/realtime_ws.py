@@ -38,6 +38,7 @@ from omnistream.sessions.manager import CapacityExceeded
 from omnistream.sessions.vad_process import VadProcess
 from omnistream.sessions.voice_agent import (
     OUTPUT_RATE,
+    VAD_RATE,
     AgentConfig,
     AgentError,
     ChatStream,
@@ -468,11 +469,14 @@ class RealtimeConnection:
                                      param="item.content.audio")
                 fmt = self.wire.input_format
                 try:
-                    samples = await ws_common.off_loop(_decode_audio, data, fmt, size=len(data))
+                    # Decoded and resampled to 16 kHz here, off the loop when large: a
+                    # whole item of audio resamples in tens of milliseconds.
+                    samples = await ws_common.off_loop(_decode_item_audio, data, fmt,
+                                                       size=len(data))
                 except ValueError as exc:
                     raise AgentError("invalid_audio", str(exc),
                                      param="item.content.audio") from exc
-                return (samples, FORMAT_RATES[fmt]) if samples.size else None
+                return (samples, VAD_RATE) if samples.size else None
         return None
 
     async def _append(self, message: dict[str, Any]) -> None:
@@ -698,6 +702,12 @@ def _decode_audio(data: str, fmt: AudioFormat) -> Any:
         return s16le_to_float32(raw)
     law: g711.Law = "ulaw" if fmt == "g711_ulaw" else "alaw"
     return s16le_to_float32(g711.decode(raw, law))
+
+
+def _decode_item_audio(data: str, fmt: AudioFormat) -> Any:
+    """A whole item's base64 audio → float32 mono at 16 kHz (what the session reads)."""
+    samples = _decode_audio(data, fmt)
+    return StreamResampler(FORMAT_RATES[fmt], VAD_RATE).process(samples, last=True)
 
 
 def _obj(value: Any) -> dict[str, Any]:
