@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -276,6 +276,14 @@ class Upstream:
                                   retryable=True, kind="invalid_response")
         return value
 
+    def _scrubbed(self, feed: Callable[[dict[str, Any]], list[dict[str, Any]]],
+                  event: dict[str, Any]) -> list[dict[str, Any]]:
+        """A stream translator's chunks; an error event it raises loses the provider's key."""
+        try:
+            return feed(event)
+        except UpstreamStreamError as exc:
+            raise UpstreamStreamError(self.scrub(str(exc))) from None
+
     # -- what adapters implement --------------------------------------------------------
 
     async def chat(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -399,7 +407,7 @@ class AnthropicUpstream(Upstream):
         async for _event, data in self.sse_events(f"{self.config.base_url}/v1/messages",
                                                   request):
             event = self._decode(data)
-            for item in translator.feed(event):
+            for item in self._scrubbed(translator.feed, event):
                 yield item
             if event.get("type") == "message_stop":
                 return
@@ -435,7 +443,7 @@ class OllamaUpstream(Upstream):
             if not line.strip():
                 continue
             item = self._decode(line)
-            for out in translator.feed(item):
+            for out in self._scrubbed(translator.feed, item):
                 yield out
             if item.get("done"):
                 return
