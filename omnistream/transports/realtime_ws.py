@@ -825,7 +825,7 @@ def _turn_detection(value: Any, kind: str) -> TurnDetection | None:
     out = TurnDetection(type=value["type"])
     if value["type"] == "semantic_vad":  # our VAD is acoustic: eagerness sets the pause
         eagerness = value.get("eagerness", "auto")
-        out.silence_duration_ms = {"low": 800, "medium": 500, "high": 300}.get(eagerness, 500)
+        out.silence_duration_ms = {"low": 800, "medium": 500, "high": 300}.get(str(eagerness), 500)
     threshold = value.get("threshold")
     if threshold is not None:
         if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not (
