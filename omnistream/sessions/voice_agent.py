@@ -1488,7 +1488,7 @@ def _check_item(item: Any) -> dict[str, Any]:
                            "status": "completed"}
     if kind == "message":
         role = item.get("role")
-        if role not in _CONTENT_TYPES:
+        if not isinstance(role, str) or role not in _CONTENT_TYPES:
             raise AgentError("invalid_value", "item.role must be user, assistant or system",
                              param="item.role")
         content = item.get("content")
