@@ -16,11 +16,12 @@ import asyncio
 import hashlib
 import hmac
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import httpx
 from fastapi import APIRouter, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from omnistream.jobs.artifacts import FILE_ID_RE
 from omnistream.jobs.service import JobService
@@ -98,6 +99,22 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     )
 
 
+class _Relayed(StreamingResponse):
+    """Another node's answer streamed on; its connection is closed however the response
+    ends, also when the client went away before the first chunk (a body generator that
+    never started would never run its ``finally``)."""
+
+    def __init__(self, upstream: httpx.Response, headers: dict[str, str]) -> None:
+        super().__init__(upstream.aiter_bytes(), headers=headers)
+        self.upstream = upstream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await asyncio.shield(self.upstream.aclose())
+
+
 class RemoteFiles:
     """Fetches artifacts from the node that holds them.
 
@@ -161,15 +178,7 @@ class RemoteFiles:
                 502, "file_unavailable", f"Node {holder} answered {upstream.status_code}."
             )
         headers = {k: v for k, v in upstream.headers.items() if k.lower() in PASSED_HEADERS}
-
-        async def body() -> AsyncIterator[bytes]:
-            try:
-                async for chunk in upstream.aiter_bytes():
-                    yield chunk
-            finally:
-                await upstream.aclose()
-
-        return StreamingResponse(body(), headers=headers)
+        return _Relayed(upstream, headers)
 
     async def aclose(self) -> None:
         """Close the HTTP client."""
