@@ -320,7 +320,9 @@ class WebFetcher:
                                f"The page took longer than {self.timeout_s:.0f} s") from None
 
     async def _fetch(self, url: Any, fmt: str) -> dict[str, Any]:
-        headers = {"user-agent": USER_AGENT,
+        # identity: the body is read raw (so the size cap counts what crosses the wire
+        # and no decompression bomb can inflate it), so it must not come compressed.
+        headers = {"user-agent": USER_AGENT, "accept-encoding": "identity",
                    "accept": "text/html,application/xhtml+xml,text/plain;q=0.9,*/*;q=0.5"}
         timeout = httpx.Timeout(self.timeout_s)
         tls = await self._tls_context()
