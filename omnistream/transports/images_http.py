@@ -98,11 +98,12 @@ def _int_field(value: Any, name: str) -> int | None:
         raise GenerateError(400, "invalid_value", f"'{name}' must be an integer.")
     try:
         number = int(str(value)) if not isinstance(value, (int, float)) else value
-    except ValueError as exc:
+        whole = int(number)  # OverflowError for infinity, ValueError for NaN
+    except (ValueError, OverflowError) as exc:
         raise GenerateError(400, "invalid_value", f"'{name}' must be an integer.") from exc
-    if int(number) != number:
+    if whole != number:
         raise GenerateError(400, "invalid_value", f"'{name}' must be an integer.")
-    return int(number)
+    return whole
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
@@ -247,7 +248,7 @@ def _common_config(fields: dict[str, Any]) -> tuple[dict[str, Any], str, str]:
             config["num_inference_steps"] = steps
     quality = fields.get("quality")
     if quality:
-        if quality not in QUALITY_PRESETS:
+        if not isinstance(quality, str) or quality not in QUALITY_PRESETS:
             raise GenerateError(
                 400, "invalid_value", f"'quality' must be one of {', '.join(QUALITY_PRESETS)}."
             )
