@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import secrets
 import struct
@@ -85,7 +86,12 @@ def _int(request: GenerateRequest, name: str, default: int, low: int, high: int,
     value = _value(request, name, *aliases)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, float) and not math.isfinite(value))  # int() of inf/NaN raises
+        or int(value) != value
+    ):
         raise GenerateError(400, "invalid_config", f"'{name}' must be an integer, got {value!r}.")
     if not low <= int(value) <= high:
         raise GenerateError(
@@ -100,7 +106,7 @@ def _float(request: GenerateRequest, name: str, default: float, low: float, high
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise GenerateError(400, "invalid_config", f"'{name}' must be a number, got {value!r}.")
-    if not low <= float(value) <= high:
+    if not low <= value <= high:  # float() of a huge int raises
         raise GenerateError(
             400, "invalid_config", f"'{name}' must be between {low:g} and {high:g}, got {value}."
         )
@@ -245,7 +251,7 @@ def prepare_diffusion(
     negative = _text(request, "negative_prompt", int(caps.get("max_prompt_chars", 2000)), False)
     preset_name = _value(request, "preset") or "balanced"
     presets = TURBO_PRESETS if _turbo(spec) else PRESETS
-    if preset_name not in presets:
+    if not isinstance(preset_name, str) or preset_name not in presets:
         raise GenerateError(
             400, "invalid_config", f"'preset' must be one of {', '.join(presets)}."
         )
