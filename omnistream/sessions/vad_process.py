@@ -113,11 +113,11 @@ class _Worker:
                     conn.send(("run", stream, audio))
                     status, value = conn.recv()
                     break
-                except (EOFError, OSError, BrokenPipeError):
+                except (EOFError, OSError, BrokenPipeError) as exc:
                     log.warning("VAD worker process lost; starting it again")
                     self.stop()
-                    if attempt == 2:
-                        raise
+                    if attempt == 2:  # the RuntimeError callers handle, as for a failed start
+                        raise RuntimeError(f"the VAD worker process was lost: {exc!r}") from exc
             if status != "ok":
                 raise RuntimeError(f"VAD failed: {value}")
             return list(value)
