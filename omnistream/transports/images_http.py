@@ -308,20 +308,20 @@ async def images_generations(request: Request) -> Response:
         return openai_error(GenerateError(400, "invalid_request", str(exc)), request, "images")
 
 
-def _openai_mask(data: bytes) -> bytes:
+def _openai_mask(data: bytes, max_pixels: int) -> bytes:
     """OpenAI masks are transparent where to edit; ours are white there. Convert if RGBA."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as image:
-            if "A" not in image.getbands():
-                return data
+            if "A" not in image.getbands() or image.width * image.height > max_pixels:
+                return data  # too large: the task's decoding refuses it before decoding
             alpha = image.getchannel("A")
             mask = alpha.point(lambda a: 255 if a < 128 else 0)
             out = io.BytesIO()
             mask.save(out, format="PNG")
             return out.getvalue()
-    except (UnidentifiedImageError, OSError, ValueError):
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         return data  # the task's own decoding answers with the precise 400
 
 
@@ -351,7 +351,9 @@ async def images_edits(request: Request) -> Response:
         if "mask" in uploads:
             mask = uploads["mask"]
             uploads["mask"] = Upload(
-                await asyncio.to_thread(_openai_mask, mask.data), mask.filename, "image/png"
+                await asyncio.to_thread(_openai_mask, mask.data, service.limits.max_image_pixels),
+                mask.filename,
+                "image/png",
             )
         config, response_format, fmt = _common_config(fields)
         model = _default_model(service, "edit", fields.get("model"), OPENAI_IMAGE_ALIASES)
