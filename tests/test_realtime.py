@@ -325,6 +325,13 @@ async def test_protocol_errors_keep_the_socket(agent_server: RunningServer) -> N
         await conn.send({"type": "input_audio_buffer.commit", "event_id": "evt_4"})
         error = await _until(conn, "error", seen)
         assert error["error"]["code"] == "input_audio_buffer_commit_empty"
+        # One item cannot hold unbounded text (a session's memory stays bounded).
+        await conn.send({"type": "conversation.item.create", "event_id": "evt_big", "item": {
+            "type": "message", "role": "user",
+            "content": [{"type": "input_text", "text": "x" * (300 * 1024)}]}})
+        error = await _until(conn, "error", seen)
+        assert (error["error"]["code"], error["error"]["event_id"]) == ("invalid_value",
+                                                                        "evt_big")
         # A provider that hangs mid-answer: the response fails, the session goes on.
         await conn.session.update(session={"type": "realtime", "output_modalities": ["text"],
                                            "audio": {"input": {"turn_detection": None}}})

@@ -75,6 +75,8 @@ NEGATIVE_THRESHOLD_GAP = 0.15  # speech continues down to threshold - this (hyst
 SPECULATE_AFTER_MS = 160  # silence after which the turn is transcribed speculatively
 MIN_COMMIT_MS = 100  # the protocol refuses to commit less audio than this
 MAX_ITEMS = 512  # conversation items kept (the oldest go first)
+MAX_ITEM_CHARS = 256 * 1024  # text of one client item (text, arguments, output)
+MAX_CONVERSATION_CHARS = 2 * 1024 * 1024  # text the conversation keeps (the oldest go)
 MAX_VAD_BACKLOG = 256  # audio appends waiting for the VAD thread before input is refused
 TRANSCRIPT_WAIT_S = 30.0  # how long a response waits for its user turn's transcript
 DEFAULT_INSTRUCTIONS = (
@@ -758,7 +760,10 @@ class VoiceAgentSession:
                 if key == previous:
                     rebuilt[item["id"]] = item
             self.items = rebuilt
-        while len(self.items) > MAX_ITEMS:
+        while len(self.items) > MAX_ITEMS or (
+            len(self.items) > 1
+            and sum(_item_chars(i) for i in self.items.values()) > MAX_CONVERSATION_CHARS
+        ):
             oldest = next(iter(self.items))
             self.items.pop(oldest)
             self._audio_items.pop(oldest, None)
@@ -1526,7 +1531,19 @@ def _check_item(item: Any) -> dict[str, Any]:
             raise AgentError("invalid_value", "function_call_output needs a string 'output'",
                              param="item.output")
         out.update(call_id=item["call_id"], output=output)
+    if _item_chars(out) > MAX_ITEM_CHARS:
+        raise AgentError("invalid_value",
+                         f"item text is longer than {MAX_ITEM_CHARS} characters",
+                         param="item")
     return out
+
+
+def _item_chars(item: dict[str, Any]) -> int:
+    """Characters of text an item holds: what bounds a conversation's memory."""
+    chars = len(item.get("arguments") or "") + len(item.get("output") or "")
+    for part in item.get("content") or []:
+        chars += len(part.get("text") or "") + len(part.get("transcript") or "")
+    return chars
 
 
 def _new_id(prefix: str) -> str:
