@@ -145,7 +145,11 @@ def test_speak_moves_only_the_mouth_and_interrupt_stops_the_sound(
     time.sleep(0.3)
     talk_mouth, talk_rest = chrome.run_async(REGION_CHANGE_JS, boxes, 25, 60)
     assert talk_mouth > 2 * idle_mouth + 4, (idle_mouth, talk_mouth)
-    assert talk_rest < 2.0, talk_rest  # the background stays where it is
+    # The background stays where it is. Rendered frames leave it bit-identical
+    # (tests/test_avatar_lite.py); what the browser shows of it still flickers by 1-2
+    # levels of VP8 quantisation, more while the new renderer's larger head band moves,
+    # so the bound is set well under the mouth's motion rather than at the noise floor.
+    assert talk_rest < min(3.0, talk_mouth / 20), (talk_rest, talk_mouth)
     assert chrome.run("return document.getElementById('subtitle').textContent.length > 0")
     speaking_energy = stats(chrome)["audio"]["totalAudioEnergy"]
     time.sleep(0.5)
