@@ -16,6 +16,7 @@ session's clock; ``audio[audio_offset]`` is the sample at ``start_sample`` of th
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,8 @@ import numpy as np
 import numpy.typing as npt
 
 from omnistream.models.base import BatchModel
+
+log = logging.getLogger(__name__)
 
 RGBFrame = npt.NDArray[np.uint8]
 
@@ -182,3 +185,21 @@ class AvatarModel(BatchModel[AvatarPayload, AvatarOutput]):
     def render(self, chunks: list[ChunkRequest]) -> list[ChunkResult | BaseException]:
         """Render a batch of chunks, possibly from many sessions, in one call."""
         raise NotImplementedError
+
+
+def render_each(
+    chunks: list[ChunkRequest], render_one: Callable[[ChunkRequest], ChunkResult]
+) -> list[ChunkResult | BaseException]:
+    """Render chunks one by one; a chunk that fails fails alone.
+
+    For renderers with no batched kernel: one session's bad chunk becomes its own error
+    result and the other sessions of the batch still get their frames.
+    """
+    results: list[ChunkResult | BaseException] = []
+    for chunk in chunks:
+        try:
+            results.append(render_one(chunk))
+        except Exception as exc:  # keep the other sessions of the batch alive
+            log.exception("rendering chunk for %s failed", chunk.session_id)
+            results.append(exc)
+    return results

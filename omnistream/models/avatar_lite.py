@@ -60,6 +60,7 @@ from omnistream.models.avatar_base import (
     PrepareRequest,
     RGBFrame,
     StaticFrame,
+    render_each,
 )
 from omnistream.models.face_mesh import MESH_CACHE, FaceMesh
 
@@ -653,14 +654,7 @@ class AvatarLite(AvatarModel):
         return prepare_avatar(request)
 
     def render(self, chunks: list[ChunkRequest]) -> list[ChunkResult | BaseException]:
-        results: list[ChunkResult | BaseException] = []
-        for chunk in chunks:
-            try:
-                results.append(self._render_chunk(chunk))
-            except Exception as exc:  # keep the other sessions of the batch alive
-                log.exception("rendering chunk for %s failed", chunk.session_id)
-                results.append(exc)
-        return results
+        return render_each(chunks, self._render_chunk)
 
     def poses(self, chunk: ChunkRequest, state: LiteState, avatar: PreparedAvatar) -> list[Pose]:
         """The chunk's poses from its audio, advancing the session's filters."""

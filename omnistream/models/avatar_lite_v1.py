@@ -38,6 +38,7 @@ from omnistream.models.avatar_base import (
     ChunkResult,
     PrepareRequest,
     RGBFrame,
+    render_each,
 )
 from omnistream.models.avatar_lite import _cascade, detect_face, fit_to_frame, frame_features
 
@@ -222,14 +223,7 @@ class AvatarLite(AvatarModel):
         return prepare_avatar(request)
 
     def render(self, chunks: list[ChunkRequest]) -> list[ChunkResult | BaseException]:
-        results: list[ChunkResult | BaseException] = []
-        for chunk in chunks:
-            try:
-                results.append(self._render_chunk(chunk))
-            except Exception as exc:  # keep the other sessions of the batch alive
-                log.exception("rendering chunk for %s failed", chunk.session_id)
-                results.append(exc)
-        return results
+        return render_each(chunks, self._render_chunk)
 
     def _render_chunk(self, chunk: ChunkRequest) -> ChunkResult:
         avatar: PreparedAvatar = chunk.avatar
